@@ -1,0 +1,71 @@
+"""Quickstart: a tiny DINOv2-structured ViT, SoftCon loss, built-in synthetic SSL4EO-S12-like data.
+
+    python -m softcon_jax.train --config configs/quickstart.py --workdir runs/quickstart
+
+`get_config("test")` shrinks it further for the test suite. The synthetic dataset is written
+to `config.data.path` on first use (13 bands, 4 seasons per location, 9-class labels).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from softcon_jax import data as data_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    test = arg == "test"
+    c = ml_collections.ConfigDict()
+    c.method = "softcon"
+    c.seed = 0
+    c.total_steps = 8 if test else 60
+    # Stop early at this step (saving a checkpoint); run again to resume.
+    c.stop_after_step = config_dict.placeholder(int)
+    c.global_batch_size = 16 if test else 64
+    c.grad_accum_steps = 1
+    c.log_every_steps = 2 if test else 5
+    c.nonfinite = "stop"  # or "skip": drop the step and go on
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+
+    c.data = data_lib.default_config()
+    c.data.path = "runs/quickstart/data"
+    c.data.views = "softcon"
+    c.data.image_size = 16 if test else 32
+    c.data.in_channels = 13
+    c.data.stats = "s2c"
+    c.data.normalization = "softcon"
+    c.data.synthetic = ml_collections.ConfigDict(dict(
+        num_locations=64 if test else 512, num_shards=2 if test else 4,
+        image_size=20 if test else 40, bands=13, timesteps=4, seed=0))
+
+    c.model = ml_collections.ConfigDict()
+    c.model.backbone = "vit_small_patch14_dinov2"
+    c.model.backbone_kwargs = ml_collections.ConfigDict(dict(
+        img_size=c.data.image_size, patch_size=8 if not test else 4,
+        embed_dim=32 if test else 64, depth=2, num_heads=2))
+    c.model.dtype = "float32"
+    c.model.batch_norm = "sync"  # or "per_device" (shuffle-BN-like)
+    c.model.mask_ratio = 0.0     # Siamese masking of student patch tokens (ViT only)
+    dim, hidden = (16, 32) if test else (64, 256)
+    c.model.projector = ml_collections.ConfigDict(dict(
+        hidden_dim=hidden, out_dim=dim, num_layers=3, last_bn=True))
+    c.model.predictor = ml_collections.ConfigDict(dict(
+        hidden_dim=hidden, out_dim=dim, num_layers=2, last_bn=False))
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "soft_contrastive"
+    c.loss.temperature = 0.2
+    c.loss.moco_scale = True  # multiply by 2*temperature, as MoCo-v3
+    c.loss.num_chunks = 1     # >1: blockwise logits for very large global batches
+    c.loss.kwargs = ml_collections.ConfigDict(dict(soft_weight=1.0, variant="soft_ce"))
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="adamw", lr=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, grad_clip_norm=0.0,
+        lr_scale_batch=0))
+    c.schedule = ml_collections.ConfigDict(dict(name="cosine", warmup_steps=2 if test else 6,
+                                                end_factor=0.0))
+    c.teacher = ml_collections.ConfigDict(dict(momentum=0.99, momentum_end=1.0))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=4 if test else 20, keep=3,
+                                                  async_save=True))
+    c.export = ml_collections.ConfigDict(dict(format="timm", which="teacher"))
+    return c

@@ -1,0 +1,282 @@
+"""Shared ArrayRecord shard writer used by every converter.
+
+- Items (one per location) are assigned to shards deterministically: the
+  caller's item order, split into ``num_shards`` contiguous, near-equal chunks.
+  The same inputs and shard count therefore give byte-identical shards.
+- Shards are written in parallel by ``num_workers`` processes (0 = in this
+  process), each under a temporary name and moved into place with
+  ``os.replace`` once complete, so a final name never holds a partial shard.
+- A finished shard leaves a small marker ``.shards/<shard>.json`` (its record
+  count, skipped inputs and a fingerprint of its inputs). ``resume=True`` keeps
+  shards whose marker matches and rewrites the others.
+- ``metadata.json`` is written last (atomically): its presence means the whole
+  dataset is complete.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import queue as queue_lib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from softcon_jax.data import records
+
+log = logging.getLogger("data_prep")
+
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+MARKER_DIR = ".shards"
+
+
+class BadInputError(ValueError):
+    """An input file or folder is unusable; ``path`` names it."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(path, reason)  # args kept so the error pickles across processes
+        self.path = str(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def shard_filename(name: str, index: int, count: int) -> str:
+    """``<name>-00000-of-00004.array_record``."""
+    return f"{name}-{index:05d}-of-{count:05d}.array_record"
+
+
+def assign_shards(num_items: int, num_shards: int) -> list[range]:
+    """Contiguous near-equal split of ``range(num_items)`` into ``num_shards``."""
+    bounds = np.linspace(0, num_items, num_shards + 1).round().astype(int)
+    return [range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Writes JSON under a temporary name, then renames it into place."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_metadata(directory: str) -> dict | None:
+    """The dataset's metadata, or None when the dataset is absent/incomplete."""
+    path = os.path.join(directory, METADATA_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _fingerprint(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class _Task:
+    out_dir: str
+    filename: str
+    items: list
+    make_example: Callable[[Any], dict]
+    skip_bad: bool
+    fingerprint: str
+
+
+_PROGRESS: Any = None  # queue in worker processes, tqdm callback in-process
+
+
+def _init_worker(progress_queue: Any) -> None:
+    global _PROGRESS
+    _PROGRESS = progress_queue.put
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _write_shard(task: _Task, progress: Callable[[int], None] | None = None) -> dict:
+    """Writes one shard atomically; returns its marker dict."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    progress = progress or _PROGRESS or (lambda n: None)
+    final = os.path.join(task.out_dir, task.filename)
+    tmp = f"{final}.tmp-{os.getpid()}"
+    skipped = []
+    count = 0
+    writer = ArrayRecordWriter(tmp, "group_size:1")
+    try:
+        for item in task.items:
+            try:
+                example = task.make_example(item)
+            except BadInputError as e:
+                if not task.skip_bad:
+                    raise
+                log.warning("skipping %s (%s)", e.path, e.reason)
+                skipped.append({"item": str(item), "path": e.path, "reason": e.reason})
+            else:
+                writer.write(records.encode(example))
+                count += 1
+            progress(1)
+        writer.close()
+        os.replace(tmp, final)
+    except BaseException:
+        writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    marker = {
+        "fingerprint": task.fingerprint,
+        "num_records": count,
+        "skipped": skipped,
+        "filename": task.filename,
+    }
+    write_json_atomic(os.path.join(task.out_dir, MARKER_DIR, task.filename + ".json"), marker)
+    return marker
+
+
+def _finished_marker(out_dir: str, task: _Task) -> dict | None:
+    path = os.path.join(out_dir, MARKER_DIR, task.filename + ".json")
+    if not (os.path.exists(path) and os.path.exists(os.path.join(out_dir, task.filename))):
+        return None
+    try:
+        with open(path) as f:
+            marker = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return marker if marker.get("fingerprint") == task.fingerprint else None
+
+
+def write_shards(
+    out_dir: str,
+    items: Sequence[Any],
+    make_example: Callable[[Any], dict],
+    *,
+    name: str,
+    num_shards: int,
+    metadata: dict,
+    num_workers: int = 0,
+    resume: bool = False,
+    skip_bad: bool = False,
+    desc: str = "records",
+) -> dict:
+    """Writes ``make_example(item)`` for every item into ArrayRecord shards.
+
+    ``make_example`` returns a dict accepted by ``records.encode`` or raises
+    ``BadInputError``; with ``skip_bad`` that item is logged, skipped and
+    listed in the metadata (``num_skipped``, ``skipped``), otherwise the error
+    propagates and no metadata is written. With ``num_workers > 0`` it must be
+    picklable (a module-level function or ``functools.partial`` of one).
+    ``metadata`` (dataset, modality, bands, dtype, timesteps, image_size, ...)
+    is merged into the written ``metadata.json``, which is returned.
+    """
+    items = list(items)
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    if num_shards > len(items):
+        raise ValueError(f"num_shards={num_shards} is more than the {len(items)} locations found")
+    os.makedirs(os.path.join(out_dir, MARKER_DIR), exist_ok=True)
+    meta_path = os.path.join(out_dir, METADATA_FILE)
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # the dataset is incomplete until we write it again
+    for f in os.listdir(out_dir):
+        if ".tmp-" in f:  # leftovers of an interrupted run
+            os.remove(os.path.join(out_dir, f))
+
+    base = _fingerprint(FORMAT_VERSION, records.SCHEMA_VERSION, name, num_shards, metadata)
+    tasks = []
+    for i, idx in enumerate(assign_shards(len(items), num_shards)):
+        shard_items = [items[j] for j in idx]
+        tasks.append(
+            _Task(out_dir, shard_filename(name, i, num_shards), shard_items, make_example,
+                  skip_bad, _fingerprint(base, [repr(x) for x in shard_items]))
+        )
+
+    markers: dict[str, dict] = {}
+    todo = []
+    for task in tasks:
+        marker = _finished_marker(out_dir, task) if resume else None
+        if marker is not None:
+            markers[task.filename] = marker
+        else:
+            todo.append(task)
+    if resume and markers:
+        log.info("resume: %d of %d shards already complete", len(markers), len(tasks))
+
+    total = sum(len(t.items) for t in todo)
+    with tqdm(total=total, desc=desc, unit="rec", disable=total == 0) as bar:
+        if num_workers <= 0:
+            for task in todo:
+                markers[task.filename] = _write_shard(task, bar.update)
+        else:
+            ctx = mp.get_context("spawn")  # safe even if the parent has threads (jax, tqdm)
+            progress_queue = ctx.Queue()
+            with cf.ProcessPoolExecutor(
+                max_workers=min(num_workers, max(len(todo), 1)), mp_context=ctx,
+                initializer=_init_worker, initargs=(progress_queue,),
+            ) as pool:
+                futures = {pool.submit(_write_shard, t): t for t in todo}
+                pending = set(futures)
+                try:
+                    while pending:
+                        done, pending = cf.wait(pending, timeout=0.2,
+                                                return_when=cf.FIRST_COMPLETED)
+                        _drain(progress_queue, bar)
+                        for fut in done:
+                            markers[futures[fut].filename] = fut.result()
+                except BaseException:
+                    for fut in pending:
+                        fut.cancel()
+                    raise
+                _drain(progress_queue, bar)
+
+    ordered = [markers[t.filename] for t in tasks]
+    skipped = [s for m in ordered for s in m["skipped"]]
+    meta = dict(metadata)
+    meta.update(
+        format_version=FORMAT_VERSION,
+        record_schema_version=records.SCHEMA_VERSION,
+        num_records=sum(m["num_records"] for m in ordered),
+        num_shards=num_shards,
+        shards=[t.filename for t in tasks],
+        shard_num_records=[m["num_records"] for m in ordered],
+        num_skipped=len(skipped),
+        skipped=skipped,
+        fingerprint=base,
+    )
+    write_json_atomic(meta_path, meta)
+    log.info("wrote %d records in %d shards to %s (%d skipped)",
+             meta["num_records"], num_shards, out_dir, len(skipped))
+    return meta
+
+
+def _drain(progress_queue: Any, bar: tqdm) -> None:
+    n = 0
+    while True:
+        try:
+            n += progress_queue.get_nowait()
+        except queue_lib.Empty:
+            break
+    if n:
+        bar.update(n)
+
+
+def add_common_args(parser: Any) -> None:
+    """Adds --out, --num-shards, --num-workers, --resume, --skip-bad."""
+    parser.add_argument("--out", required=True, help="output directory for shards + metadata.json")
+    parser.add_argument("--num-shards", type=int, default=16, help="number of ArrayRecord shards")
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="writer processes (0 = write in this process)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep shards that a previous run with the same inputs finished")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="log and skip unusable locations (counted in metadata.json) "
+                             "instead of stopping with an error")

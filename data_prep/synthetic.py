@@ -1,0 +1,237 @@
+"""Realistic small SSL4EO-S12-like datasets for tests and the quickstart.
+
+Each location gets a land-cover mixture over the 9 Dynamic World classes
+(Dirichlet draw). A class map is made of smooth random fields (blobby regions,
+soft boundaries); pixels are mixtures of per-class spectral signatures
+(plausible Sentinel-2 L1C/L2A reflectance x 10000 as uint16, or Sentinel-1
+dB as float32) with texture and noise. Seasons change vegetation vigour, crops
+(bare in winter), snow cover (winter, cold locations) and the atmosphere.
+Labels per season are the classes covering more than ``label_threshold`` of
+that season's class map; some seasons are unlabelled, as in SSL4EO-S12-ML.
+
+Everything is a pure function of ``(seed, location index)``, so the output does
+not depend on the number of workers. ``python -m data_prep.synthetic --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+
+import numpy as np
+
+from data_prep import shards
+
+NUM_CLASSES = 9
+S2C_BANDS = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
+S2A_BANDS = [b for b in S2C_BANDS if b != "B10"]
+S1_BANDS = ["VV", "VH"]
+
+# Top-of-atmosphere-like reflectance x 10000 per class, bands in S2C order.
+# Rows: water, trees, grass, flooded veg., crops, shrub, built, bare, snow.
+_S2_SIGNATURES = np.array([
+    [1500, 1250, 1050, 850, 750, 650, 620, 550, 500, 250, 12, 250, 180],
+    [1350, 1050, 950, 750, 1150, 2300, 2750, 2800, 3000, 950, 18, 1650, 850],
+    [1450, 1250, 1250, 1150, 1600, 2450, 2750, 2800, 2950, 950, 20, 2350, 1450],
+    [1400, 1150, 1100, 950, 1150, 1750, 1950, 1900, 2050, 700, 15, 1250, 750],
+    [1500, 1300, 1350, 1300, 1700, 2550, 2950, 3000, 3150, 1000, 22, 2500, 1600],
+    [1700, 1500, 1600, 1800, 2100, 2400, 2600, 2650, 2800, 900, 25, 3000, 2200],
+    [1800, 1700, 1700, 1800, 1900, 2100, 2200, 2250, 2300, 800, 28, 2500, 2100],
+    [2000, 1950, 2150, 2550, 2800, 3000, 3100, 3150, 3300, 1050, 32, 3800, 3000],
+    [6000, 6200, 6100, 6000, 5900, 5700, 5500, 5400, 5200, 1500, 60, 900, 700],
+], np.float32)
+# Sentinel-1 backscatter (dB), VV / VH.
+_S1_SIGNATURES = np.array([
+    [-20.0, -27.0], [-7.5, -13.0], [-11.0, -18.0], [-9.0, -17.0], [-10.5, -17.5],
+    [-10.0, -17.0], [-4.0, -11.0], [-13.0, -22.0], [-14.0, -21.0],
+], np.float32)
+# Relative abundance of the classes in the world (snow and flooded veg. rare).
+_CLASS_PRIOR = np.array([0.8, 1.2, 0.9, 0.25, 1.0, 0.8, 0.7, 0.6, 0.2], np.float32)
+_VEG = np.array([0, 1, 1, 1, 1, 1, 0, 0, 0], np.float32)  # classes whose red edge/NIR varies
+_NIR_BANDS = [4, 5, 6, 7, 8]  # B5 B6 B7 B8 B8A in S2C order
+_SEASON_VIGOUR = np.array([0.9, 1.15, 0.95, 0.75], np.float32)  # spring, summer, autumn, winter
+
+_MODALITY_BANDS = {"s2c": S2C_BANDS, "s2a": S2A_BANDS, "s1": S1_BANDS}
+
+
+def default_modality(bands: int) -> str:
+    """s2c for 13 bands, s2a for 12, s1 for 2."""
+    for name, names in _MODALITY_BANDS.items():
+        if len(names) == bands:
+            return name
+    raise ValueError(f"synthetic data supports 13 (s2c), 12 (s2a) or 2 (s1) bands, got {bands}")
+
+
+def season_names(location: int, timesteps: int, seed: int) -> list[str]:
+    """Product-id-like names, one per season, spread over a year."""
+    rng = np.random.default_rng([seed, location, 7])
+    tile = f"T{rng.integers(10, 60)}{'CDEFGHJKLMNPQRSTUVWX'[rng.integers(20)]}" \
+           f"{''.join('ABCDEFGHJKLMNPQRSTUV'[i] for i in rng.integers(0, 20, 2))}"
+    start = np.datetime64("2020-03-01") + int(rng.integers(0, 20))
+    names = []
+    for t in range(timesteps):
+        day = start + int(t * 365 // timesteps) + int(rng.integers(0, 10))
+        d = str(day).replace("-", "")
+        names.append(f"{d}T10{rng.integers(0, 60):02d}21_{d}T10{rng.integers(0, 60):02d}47_{tile}")
+    return names
+
+
+@functools.lru_cache(maxsize=16)
+def _upsample_matrix(size: int, cells: int) -> np.ndarray:
+    """(size, cells + 2) Gaussian-kernel interpolation matrix, rows sum to 1."""
+    centers = (np.arange(cells + 2) - 0.5) * size / cells
+    x = np.arange(size) + 0.5
+    w = np.exp(-0.5 * ((x[:, None] - centers[None]) / (0.6 * size / cells)) ** 2)
+    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _smooth_fields(rng: np.random.Generator, n: int, size: int, cells: int) -> np.ndarray:
+    """n smooth random fields (n, size, size), unit-ish scale, blobs ~ size/cells."""
+    m = _upsample_matrix(size, cells)
+    coarse = rng.standard_normal((n, cells + 2, cells + 2)).astype(np.float32)
+    fine = np.matmul(np.matmul(m, coarse), m.T)
+    return fine / fine.std(axis=(1, 2), keepdims=True).clip(1e-3)
+
+
+def make_example(index: int, *, seed: int, image_size: int, timesteps: int, modality: str,
+                 label_threshold: float, unlabelled_prob: float) -> dict:
+    """The record of synthetic location ``index`` (deterministic)."""
+    rng = np.random.default_rng([seed, index])
+    s = image_size
+    mixture = rng.dirichlet(_CLASS_PRIOR * 0.6)
+    cold = rng.random() < 0.15
+    fields = _smooth_fields(rng, NUM_CLASSES, s, cells=max(2, s // 16))  # (9, s, s)
+    logits0 = 2.5 * fields + 3.0 * np.log(mixture + 1e-3)[:, None, None]
+    texture = 1.0 + 0.06 * _smooth_fields(rng, 1, s, cells=max(2, s // 4))[0]
+
+    signatures = _S1_SIGNATURES if modality == "s1" else _S2_SIGNATURES
+    if modality == "s2a":
+        signatures = np.delete(signatures, S2C_BANDS.index("B10"), axis=1)
+        nir = [S2A_BANDS.index(S2C_BANDS[b]) for b in _NIR_BANDS]
+    else:
+        nir = _NIR_BANDS
+    c = signatures.shape[1]
+
+    images = np.empty((timesteps, c, s, s), np.float32)
+    labels = np.zeros((timesteps, NUM_CLASSES), np.uint8)
+    has_label = np.zeros(timesteps, bool)
+    for t in range(timesteps):
+        season = int(round(t * 4 / timesteps)) % 4
+        logits = logits0 + 0.4 * _smooth_fields(rng, NUM_CLASSES, s, cells=max(2, s // 16))
+        if season == 3 and cold:  # winter snow over everything but water
+            logits[8] += 3.0 + 2.0 * fields[8]
+        weights = np.exp(4.0 * (logits - logits.max(axis=0, keepdims=True)))
+        weights /= weights.sum(axis=0, keepdims=True)  # soft class membership (9, s, s)
+
+        sig = signatures.copy()
+        if modality != "s1":
+            vig = _SEASON_VIGOUR[season] * (1 + 0.05 * rng.standard_normal())
+            sig[:, nir] *= (1 + _VEG[:, None] * (vig - 1))
+            if season == 3:  # harvested fields look like bare soil
+                sig[4] = 0.5 * sig[4] + 0.5 * signatures[7]
+            haze = rng.gamma(2.0, 60.0) * np.linspace(1.5, 0.2, c, dtype=np.float32)
+            sig = sig * (1 + 0.04 * rng.standard_normal(c).astype(np.float32)) + haze
+        else:
+            sig = sig + 0.5 * rng.standard_normal(sig.shape).astype(np.float32)
+
+        img = np.einsum("khw,kc->chw", weights, sig, optimize=True)
+        if modality == "s1":
+            img += 1.2 * rng.standard_normal(img.shape).astype(np.float32)  # speckle (dB)
+        else:
+            img *= texture
+            img *= 1 + 0.03 * rng.standard_normal(img.shape).astype(np.float32)
+        images[t] = img
+
+        hard = np.argmax(logits, axis=0)
+        cover = np.bincount(hard.ravel(), minlength=NUM_CLASSES) / hard.size
+        if rng.random() >= unlabelled_prob:
+            has_label[t] = True
+            labels[t] = cover > label_threshold
+
+    if modality == "s1":
+        image = images.astype(np.float32)
+    else:
+        image = np.clip(np.rint(images), 0, 65535).astype(np.uint16)
+    return {
+        "image": image,
+        "labels": labels,
+        "has_label": has_label,
+        "seasons": season_names(index, timesteps, seed),
+        "location": f"{index:07d}",
+    }
+
+
+def write_dataset(
+    out_dir: str,
+    *,
+    num_locations: int,
+    num_shards: int,
+    image_size: int = 64,
+    bands: int = 13,
+    timesteps: int = 4,
+    seed: int = 0,
+    modality: str | None = None,
+    label_threshold: float = 0.05,
+    unlabelled_prob: float = 0.1,
+    num_workers: int = 0,
+    name: str = "synthetic",
+) -> dict:
+    """Writes a synthetic dataset to ``out_dir`` and returns its metadata.
+
+    Idempotent: when ``out_dir`` already holds a complete dataset made with
+    the same parameters, it is reused as is.
+    """
+    modality = modality or default_modality(bands)
+    band_names = _MODALITY_BANDS[modality]
+    if len(band_names) != bands:
+        raise ValueError(f"modality {modality!r} has {len(band_names)} bands, not bands={bands}")
+    params = dict(num_locations=num_locations, image_size=image_size, bands=bands,
+                  timesteps=timesteps, seed=seed, modality=modality,
+                  label_threshold=label_threshold, unlabelled_prob=unlabelled_prob)
+    existing = shards.read_metadata(out_dir)
+    if (existing and existing.get("synthetic_params") == params
+            and existing.get("num_shards") == num_shards
+            and existing.get("format_version") == shards.FORMAT_VERSION
+            and all(os.path.exists(os.path.join(out_dir, f)) for f in existing["shards"])):
+        return existing
+    fn = functools.partial(make_example, seed=seed, image_size=image_size, timesteps=timesteps,
+                           modality=modality, label_threshold=label_threshold,
+                           unlabelled_prob=unlabelled_prob)
+    metadata = {
+        "dataset": "synthetic",
+        "modality": modality,
+        "bands": band_names,
+        "dtype": "float32" if modality == "s1" else "uint16",
+        "timesteps": timesteps,
+        "image_size": image_size,
+        "num_classes": NUM_CLASSES,
+        "has_labels": True,
+        "synthetic_params": params,
+    }
+    return shards.write_shards(out_dir, range(num_locations), fn, name=name,
+                               num_shards=num_shards, metadata=metadata,
+                               num_workers=num_workers, desc="synthetic")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-locations", type=int, default=256)
+    p.add_argument("--num-shards", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--bands", type=int, default=13, help="13 (s2c), 12 (s2a) or 2 (s1)")
+    p.add_argument("--timesteps", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    meta = write_dataset(a.out, num_locations=a.num_locations, num_shards=a.num_shards,
+                         image_size=a.image_size, bands=a.bands, timesteps=a.timesteps,
+                         seed=a.seed, num_workers=a.num_workers)
+    print(f"{meta['num_records']} records in {meta['num_shards']} shards at {a.out}")
+
+
+if __name__ == "__main__":
+    main()

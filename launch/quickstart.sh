@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The main job: a short SoftCon pretraining on a built-in synthetic SSL4EO-S12-like dataset,
+# ending with the backbone exported for PyTorch (timm layout, .safetensors).
+#
+#   bash launch/quickstart.sh [--config.total_steps=100 ...]   # extra flags go to the trainer
+#
+# Idempotent: a second run resumes from (or reuses) the checkpoints in runs/quickstart/.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=launch/venv.sh
+source launch/venv.sh
+ensure_venv ""
+
+WORKDIR="${WORKDIR:-runs/quickstart}"
+# Without an accelerator JAX sees one CPU; simulate 8 devices so the sharded path runs.
+# The flag only affects the CPU platform, so it is harmless on GPU/TPU hosts.
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
+
+.venv/bin/python -m softcon_jax.train --config configs/quickstart.py --workdir "$WORKDIR" \
+  --config.data.path="$WORKDIR/data" "$@"
+.venv/bin/python -m softcon_jax.export --workdir "$WORKDIR" \
+  --out "$WORKDIR/export/backbone.safetensors" --format timm
+
+cat <<MSG
+
+Done. Outputs in $WORKDIR/:
+  data/          synthetic ArrayRecord shards + metadata.json
+  checkpoints/   Orbax checkpoints (train state, data iterator, config)
+  tensorboard/   TensorBoard event files   (tensorboard --logdir $WORKDIR/tensorboard)
+  export/        backbone.safetensors + backbone.safetensors.json (timm layout)
+Load it in PyTorch:  see README.md, "Using the export in PyTorch".
+MSG

@@ -1,0 +1,123 @@
+"""Per-band normalisation presets, looked up by band name.
+
+Every preset is ``y = clip?(x * a + b) * c + d`` per band, float32:
+
+- ``softcon``: SoftCon / SSL4EO-S12, ``clip((x - (mean - 2 std)) / (4 std), 0, 1)``.
+  With ``stats='s1'`` each image band is first clipped to its own 1-99 %
+  quantiles (REFERENCE §3).
+- ``zscore``: ``(x - mean) / std`` (no clip).
+- ``seco_quantile``: SeCo, ``clip((x - lo) / (hi - lo), 0, 1)`` with the fixed
+  SeCo quantiles, then ImageNet mean/std of the matching RGB channel
+  (REFERENCE §2). Only B2, B3, B4 have reference quantiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+S2C_BANDS = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
+S2A_BANDS = [b for b in S2C_BANDS if b != "B10"]
+
+_S2C_MEAN = [1605.58, 1390.78, 1314.87, 1363.52, 1549.44, 2091.75, 2371.72, 2299.90, 2560.30,
+             830.07, 22.10, 2177.07, 1524.07]
+_S2C_STD = [786.79, 850.35, 875.06, 1138.85, 1122.18, 1161.59, 1274.39, 1248.43, 1345.53,
+            577.32, 51.15, 1336.10, 1136.54]
+_S2A_MEAN = [752.40, 884.30, 1144.16, 1297.47, 1624.91, 2194.64, 2422.21, 2517.76, 2581.65,
+             2645.52, 2368.51, 1805.07]
+_S2A_STD = [1108.03, 1155.15, 1183.63, 1368.11, 1370.27, 1355.55, 1416.51, 1474.79, 1439.31,
+            1582.28, 1455.52, 1343.48]
+
+# name -> {band: {"mean", "std"} or {"lo", "hi", "mean", "std"}}
+STATS: dict[str, dict[str, dict[str, float]]] = {
+    "s2c": {b: {"mean": m, "std": s} for b, m, s in zip(S2C_BANDS, _S2C_MEAN, _S2C_STD)},
+    "s2a": {b: {"mean": m, "std": s} for b, m, s in zip(S2A_BANDS, _S2A_MEAN, _S2A_STD)},
+    "s1": {"VV": {"mean": -12.548, "std": 5.257}, "VH": {"mean": -20.192, "std": 5.912}},
+    # SeCo: uint8 quantiles per band, then ImageNet statistics of R=B4, G=B3, B=B2.
+    "seco": {
+        "B4": {"lo": 0.0, "hi": 129.0, "mean": 0.485, "std": 0.229},
+        "B3": {"lo": 2.0, "hi": 103.0, "mean": 0.456, "std": 0.224},
+        "B2": {"lo": 3.0, "hi": 88.0, "mean": 0.406, "std": 0.225},
+    },
+}
+METHODS = ("softcon", "zscore", "seco_quantile")
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalizer:
+    """Callable ``(C, H, W) array -> float32`` for a fixed band list."""
+
+    a: np.ndarray
+    b: np.ndarray
+    clip: bool
+    c: np.ndarray
+    d: np.ndarray
+    image_quantiles: tuple[float, float] | None = None  # per-image clip first (S1)
+
+    @property
+    def output_range(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per-band (low, high) of the output, or None when unbounded."""
+        if not self.clip:
+            return None
+        return self.d, self.c + self.d
+
+    def quantile_bounds(self, image: np.ndarray) -> np.ndarray | None:
+        """(C, 2) per-band clip bounds of a whole image (None if not used)."""
+        if self.image_quantiles is None:
+            return None
+        flat = image.reshape(image.shape[0], -1).astype(np.float32)
+        return np.percentile(flat, self.image_quantiles, axis=1).T
+
+    def __call__(self, x: np.ndarray, bounds: np.ndarray | None = None) -> np.ndarray:
+        """Normalises ``x`` (C, ...); ``bounds`` from ``quantile_bounds`` of the full image."""
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        y = x.astype(np.float32)
+        if bounds is not None:
+            y = np.clip(y, bounds[:, 0].reshape(shape), bounds[:, 1].reshape(shape))
+        y = y * self.a.reshape(shape) + self.b.reshape(shape)
+        if self.clip:
+            np.clip(y, 0.0, 1.0, out=y)
+            y = y * self.c.reshape(shape) + self.d.reshape(shape)
+        return y
+
+
+def make_normalizer(method: str, stats: str, bands: list[str]) -> Normalizer:
+    """Builds the normaliser for ``bands`` (names as in the dataset metadata).
+
+    Raises ValueError naming ``data_config.normalization`` / ``data_config.stats``
+    when the method or a band's statistics are unknown.
+    """
+    if method not in METHODS:
+        raise ValueError(f"data_config.normalization={method!r}: expected one of {METHODS}")
+    if stats not in STATS:
+        raise ValueError(f"data_config.stats={stats!r}: expected one of {sorted(STATS)}")
+    table = STATS[stats]
+    missing = [b for b in bands if b not in table]
+    if missing:
+        raise ValueError(
+            f"data_config.stats={stats!r} has no statistics for bands {missing} "
+            f"(it covers {sorted(table)}); select bands with data_config.bands or change the stats"
+        )
+    rows = [table[b] for b in bands]
+    ones = np.ones(len(bands), np.float32)
+    zeros = np.zeros(len(bands), np.float32)
+    if method == "seco_quantile":
+        if any("lo" not in r for r in rows):
+            raise ValueError(f"data_config.stats={stats!r} has no quantiles (lo/hi) for "
+                             f"data_config.normalization='seco_quantile'; use stats='seco'")
+        lo = np.array([r["lo"] for r in rows], np.float32)
+        hi = np.array([r["hi"] for r in rows], np.float32)
+        mean = np.array([r["mean"] for r in rows], np.float32)
+        std = np.array([r["std"] for r in rows], np.float32)
+        return Normalizer(1 / (hi - lo), -lo / (hi - lo), True, 1 / std, -mean / std)
+    if any("lo" in r for r in rows):
+        raise ValueError(f"data_config.stats={stats!r} is for 'seco_quantile', "
+                         f"not data_config.normalization={method!r}")
+    mean = np.array([r["mean"] for r in rows], np.float32)
+    std = np.array([r["std"] for r in rows], np.float32)
+    if method == "zscore":
+        return Normalizer(1 / std, -mean / std, False, ones, zeros)
+    low = mean - 2 * std
+    return Normalizer(1 / (4 * std), -low / (4 * std), True, ones, zeros,
+                      image_quantiles=(1.0, 99.0) if stats == "s1" else None)

@@ -1,0 +1,94 @@
+"""Export a trained backbone from a training workdir to PyTorch.
+
+    python -m softcon_jax.export --workdir runs/quickstart \
+        --out runs/quickstart/export/backbone.safetensors --format timm [--step N] \
+        [--which teacher|student]
+
+The teacher (EMA) backbone is exported by default, as MoCo-v3 and SoftCon release it.
+Beside the `.safetensors` file a JSON sidecar records the timm model name and arguments,
+input channels, image size, band order and normalisation (see `softcon_jax.interop`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+
+from softcon_jax import interop, methods, optim, sharding
+from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (with checkpoints/).")
+_OUT = flags.DEFINE_string("out", None, "Output .safetensors path.")
+_FORMAT = flags.DEFINE_enum("format", "timm", ["timm", "torchvision", "dinov2"],
+                            "Key layout of the exported file.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_WHICH = flags.DEFINE_enum("which", "teacher", ["teacher", "student"],
+                           "Which backbone to export.")
+
+
+def _dataset_metadata(data_config) -> dict:
+    path = os.path.join(data_config.path, "metadata.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def restore_backbone(workdir: str, step: int | None = None, which: str = "teacher"):
+    """Returns (backbone module, its variables, config, step) from a training checkpoint.
+
+    The state is restored onto a single device, whatever mesh it was trained on.
+    """
+    from softcon_jax.train import create_train_state  # the trainer defines the state layout
+
+    ckpt = Checkpointer(workdir, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first "
+                                    "(python -m softcon_jax.train ... --workdir "
+                                    f"{workdir}).")
+        if step not in ckpt.all_steps():
+            raise FileNotFoundError(f"--step={step}: no such checkpoint in {ckpt.directory};"
+                                    f" available steps: {ckpt.all_steps()}.")
+        config = ml_collections.ConfigDict(ckpt.restore_config(step))
+        mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+        method = methods.get(config.method)(config, mesh)
+        tx, _ = optim.make_optimizer(config)
+        _, _, abstract, shardings = create_train_state(config, method, tx, mesh)
+        state = ckpt.restore(step, abstract_with_shardings(abstract, shardings))
+    finally:
+        ckpt.close()
+    variables = method.backbone_variables(state.model_state, state.params, which)
+    return method.backbone, jax.device_get(variables), config, step
+
+
+def export_workdir(workdir: str, out: str, fmt: str = "timm", step: int | None = None,
+                   which: str = "teacher") -> str:
+    model, variables, config, step = restore_backbone(workdir, step, which)
+    meta = _dataset_metadata(config.data)
+    normalization = {"name": config.data.normalization, "stats": config.data.get("stats")}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    interop.export_torch(model, variables, out, fmt, band_order=meta.get("bands"),
+                         normalization=normalization)
+    logging.info("Exported the %s backbone of step %d to %s (%s layout).", which, step, out,
+                 fmt)
+    return out
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    for flag in (_WORKDIR, _OUT):
+        if flag.value is None:
+            raise app.UsageError(f"--{flag.name} is required.")
+    out = export_workdir(_WORKDIR.value, _OUT.value, _FORMAT.value, _STEP.value, _WHICH.value)
+    print(f"Exported {_WHICH.value} backbone to {out} (+ {out}.json sidecar)")
+
+
+if __name__ == "__main__":
+    app.run(main)

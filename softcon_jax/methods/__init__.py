@@ -1,0 +1,26 @@
+"""Pretraining methods, chosen by `config.method`.
+
+A method owns what differs between SoftCon and SeCo: which networks exist, how a batch
+becomes a loss, and what happens to the non-trained networks (EMA teacher, queues) after
+each update. The trainer (`softcon_jax.train`) owns everything else. A method is a class
+with this interface:
+
+    method = METHODS[name](config, mesh)
+    params, model_state = method.init(rng, batch)          # trainable / non-trainable trees
+    loss, (model_state, metrics) = method.loss(params, model_state, batch, rng, step)
+    model_state, metrics = method.after_update(params, model_state, step)
+    variables = method.backbone_variables(model_state, params, which="teacher"|"student")
+    method.backbone                                         # the flax backbone module
+"""
+
+from __future__ import annotations
+
+from softcon_jax.methods.softcon import SoftCon
+
+METHODS = {"softcon": SoftCon}
+
+
+def get(name: str):
+    if name not in METHODS:
+        raise ValueError(f"config.method={name!r} is unknown; available: {sorted(METHODS)}.")
+    return METHODS[name]

@@ -1,0 +1,101 @@
+"""Pieces both methods share: the encoder wrapper, the gathered loss, EMA, health metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from softcon_jax import losses
+from softcon_jax.sharding import BATCH_AXES
+
+
+class Encoder(nn.Module):
+    """backbone -> projector [-> predictor]; returns (features, embedding)."""
+
+    backbone: nn.Module
+    projector: nn.Module
+    predictor: nn.Module | None = None
+
+    def __call__(self, x, *, train: bool, keep_indices=None):
+        if keep_indices is None:
+            feats = self.backbone(x, train=train)
+        else:
+            feats = self.backbone(x, train=train, keep_indices=keep_indices)
+        z = self.projector(feats, train=train)
+        if self.predictor is not None:
+            z = self.predictor(z, train=train)
+        return feats, z
+
+
+def compute_dtype(config):
+    names = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if config.model.dtype not in names:
+        raise ValueError(f"config.model.dtype={config.model.dtype!r}; expected one of "
+                         f"{sorted(names)}.")
+    return names[config.model.dtype]
+
+
+def bn_groups(config, mesh: Mesh) -> int:
+    """'sync' BN: one group (the global batch); 'per_device': one group per batch shard."""
+    mode = config.model.get("batch_norm", "sync")
+    if mode == "sync":
+        return 1
+    if mode == "per_device":
+        return int(jnp.prod(jnp.array([mesh.shape[a] for a in BATCH_AXES])))
+    raise ValueError(f"config.model.batch_norm={mode!r}; expected 'sync' or 'per_device'.")
+
+
+def gathered_loss(loss_fn: Callable, mesh: Mesh, q, k, *, extra_local=None,
+                  extra_gathered=None, **kwargs):
+    """Evaluates `loss_fn` with local rows against columns gathered from every device.
+
+    Inside `shard_map` each device holds its n rows of `q` (and `extra_local`, e.g. the
+    query labels) and all-gathers `k` (and `extra_gathered`) to N = n x devices columns.
+    Row i of the device is global sample `axis_index * n + i`. The device means are averaged,
+    which is the mean over the global batch, and gradients w.r.t. `q` are exact.
+    """
+    extra_local = extra_local or {}
+    extra_gathered = extra_gathered or {}
+    spec = P(BATCH_AXES)
+
+    def local(q, k, extra_local, extra_gathered):
+        gather = lambda x: jax.lax.all_gather(x, BATCH_AXES, axis=0, tiled=True)
+        k_all = gather(k)
+        gathered = jax.tree.map(gather, extra_gathered)
+        offset = jax.lax.axis_index(BATCH_AXES) * q.shape[0]
+        value = losses.call(loss_fn, q, k_all, row_offset=offset, **extra_local, **gathered,
+                            **kwargs)
+        return jax.lax.pmean(value, BATCH_AXES)
+
+    specs = (spec, spec, jax.tree.map(lambda _: spec, extra_local),
+             jax.tree.map(lambda _: spec, extra_gathered))
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(
+        q, k, extra_local, extra_gathered)
+
+
+def ema(teacher, student, momentum):
+    return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher, student)
+
+
+def _normalize(x):
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def health_metrics(z_a, z_b, max_samples: int = 512) -> dict:
+    """Alignment and uniformity (Wang & Isola 2020) of normalised embeddings of two views.
+
+    alignment = E ||a_i - b_i||^2 (lower: views agree); uniformity = log E exp(-2 ||a_i -
+    a_j||^2) over pairs i != j (lower: embeddings spread; near 0 means collapse).
+    """
+    a, b = _normalize(z_a.astype(jnp.float32)), _normalize(z_b.astype(jnp.float32))
+    alignment = jnp.mean(jnp.sum((a - b) ** 2, axis=-1))
+    s = a[:max_samples]
+    sq = jnp.maximum(2.0 - 2.0 * s @ s.T, 0.0)
+    n = s.shape[0]
+    off = ~jnp.eye(n, dtype=bool)
+    uniformity = jnp.log(jnp.sum(jnp.where(off, jnp.exp(-2.0 * sq), 0.0)) / (n * (n - 1)))
+    return {"health/alignment": alignment, "health/uniformity": uniformity}

@@ -1,0 +1,61 @@
+"""Metrics: TensorBoard scalars (process 0 only) and a console progress line."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+from absl import logging
+
+
+class MetricWriter:
+    """Writes scalars to `WORKDIR/tensorboard` on process 0; a no-op on other processes."""
+
+    def __init__(self, workdir: str):
+        self._writer = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
+            self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write_scalars(self, step: int, scalars: dict):
+        if self._writer is None:
+            return
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, float(value), step)
+        self._writer.flush()
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()
+
+
+class Progress:
+    """Console line: step, loss, images/s, ETA (process 0 only)."""
+
+    def __init__(self, total_steps: int, global_batch_size: int, first_step: int):
+        self.total, self.batch = total_steps, global_batch_size
+        self._last_time, self._last_step = time.perf_counter(), first_step
+
+    def timing(self, step: int) -> dict:
+        """Step time and throughput since the previous call (uses host wall-clock)."""
+        now = time.perf_counter()
+        steps = max(step - self._last_step, 1)
+        step_time = (now - self._last_time) / steps
+        self._last_time, self._last_step = now, step
+        return {"perf/step_time_s": step_time, "perf/images_per_s": self.batch / step_time}
+
+    def report(self, step: int, loss: float, timing: dict):
+        if jax.process_index() != 0:
+            return
+        eta = (self.total - step) * timing["perf/step_time_s"]
+        logging.info("step %d/%d | loss %.4f | %.1f img/s | %.3f s/step | ETA %s", step,
+                     self.total, loss, timing["perf/images_per_s"], timing["perf/step_time_s"],
+                     _format_seconds(eta))
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

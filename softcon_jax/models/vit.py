@@ -1,0 +1,208 @@
+"""Vision Transformer with the DINOv2 structure (timm `vit_*_patch14_dinov2`).
+
+CLS token, learned position embedding (1, 1 + num_patches, D) added to CLS and patches,
+pre-norm blocks with LayerNorm eps 1e-6, fused qkv with bias, exact-erf GELU MLP (ratio 4),
+LayerScale (init 1e-5) on both branches, no register tokens, final LayerNorm, CLS output.
+Submodule names mirror the timm keys (`blocks_3` is torch `blocks.3`).
+
+Siamese masking: `keep_indices` (B, n_keep) selects, per sample, the patch tokens that enter
+the blocks. They are gathered after the position embedding is added; CLS is always kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from softcon_jax.models.layers import DropPath, LayerScale, torch_default_init
+
+Dtype = Any
+
+_dense_init = nn.initializers.truncated_normal(0.02)  # timm init_weights_vit_timm
+
+
+def _dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=_dense_init,
+                    name=name)
+
+
+def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
+                        use_fast_variance=False, name=name)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with fused qkv (timm layout: [q | k | v], heads inner)."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, d = x.shape
+        head_dim = d // self.num_heads
+        qkv = _dense(3 * d, self.dtype, "qkv")(x).reshape(b, n, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (b, n, h, hd)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim ** -0.5, k)
+        # Softmax in float32 so bf16 compute stays stable.
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        y = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d)
+        return _dense(d, self.dtype, "proj")(y)
+
+
+class Mlp(nn.Module):
+    """fc1 - GELU (exact erf, torch nn.GELU default) - fc2."""
+
+    hidden_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        x = _dense(self.hidden_dim, self.dtype, "fc1")(x)
+        x = nn.gelu(x, approximate=False)
+        return _dense(d, self.dtype, "fc2")(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with LayerScale: x + ls1(attn(norm1(x))), same for MLP."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    init_values: float = 1e-5
+    drop_path: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        d = x.shape[-1]
+        dp = DropPath(self.drop_path)
+        y = Attention(self.num_heads, self.dtype, name="attn")(_layer_norm(self.dtype, "norm1")(x))
+        x = x + dp(LayerScale(self.init_values, name="ls1")(y), train=train)
+        y = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(_layer_norm(self.dtype, "norm2")(x))
+        return x + dp(LayerScale(self.init_values, name="ls2")(y), train=train)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> (B, num_patches, D) (timm `patch_embed.proj`)."""
+
+    embed_dim: int
+    patch_size: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        p = self.patch_size
+        y = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                    param_dtype=jnp.float32, kernel_init=torch_default_init, name="proj")(x)
+        return y.reshape(y.shape[0], -1, self.embed_dim)
+
+
+class VisionTransformer(nn.Module):
+    """DINOv2-structured ViT for any number of input channels.
+
+    Methods `embed(x, keep_indices)` and `encode(tokens, train=)` split `__call__` for tests
+    and feature extraction (`module.apply(v, x, method=VisionTransformer.embed)`).
+
+    Attributes:
+      arch: registry / timm name, e.g. 'vit_small_patch14_dinov2'.
+      img_size: square input size the position embedding is built for (input must match).
+      patch_size, embed_dim, depth, num_heads, mlp_ratio: architecture.
+      in_channels: input bands.
+      init_values: LayerScale init.
+      drop_path_rate: stochastic depth, linear over depth as timm; > 0 needs a 'dropout' rng
+        in train mode.
+      dtype: compute dtype (parameters stay float32).
+    """
+
+    arch: str = "vit_small_patch14_dinov2"
+    img_size: int = 224
+    patch_size: int = 14
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    in_channels: int = 3
+    init_values: float = 1e-5
+    drop_path_rate: float = 0.0
+    bn_groups: int = 1  # accepted for a uniform build_backbone signature; a ViT has no BN
+    dtype: Dtype = jnp.float32
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side."""
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per image (without CLS)."""
+        return self.grid_size ** 2
+
+    @property
+    def num_features(self) -> int:
+        """Feature dimension D of the CLS output."""
+        return int(self.embed_dim)
+
+    def timm_kwargs(self) -> dict:
+        """kwargs such that `timm.create_model(arch, num_classes=0, **kw)` rebuilds this net."""
+        from softcon_jax.models import ARCH_DEFAULTS  # local: avoids an import cycle
+
+        kw: dict = {"in_chans": int(self.in_channels), "img_size": int(self.img_size)}
+        defaults = ARCH_DEFAULTS.get(self.arch, {})
+        for field in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio"):
+            if getattr(self, field) != defaults.get(field):
+                kw[field] = getattr(self, field)
+        return kw
+
+    def setup(self) -> None:
+        d = self.embed_dim
+        self.patch_embed = PatchEmbed(d, self.patch_size, self.dtype)
+        self.cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, d),
+                                    jnp.float32)
+        self.pos_embed = self.param("pos_embed", nn.initializers.truncated_normal(0.02),
+                                    (1, 1 + self.num_patches, d), jnp.float32)
+        # A list attribute names its modules blocks_0, blocks_1, ... (torch blocks.0, ...).
+        self.blocks = [
+            Block(self.num_heads, self.mlp_ratio, self.init_values,
+                  self.drop_path_rate * i / max(self.depth - 1, 1), self.dtype)
+            for i in range(self.depth)]
+        self.norm = _layer_norm(self.dtype, None)
+
+    def embed(self, x: jax.Array, keep_indices: jax.Array | None = None) -> jax.Array:
+        """Patch + position embedding (+ masking) -> tokens (B, 1 + n_keep, D), CLS first."""
+        if x.ndim != 4 or x.shape[-1] != self.in_channels:
+            raise ValueError(f"{self.arch}: expected NHWC input with {self.in_channels} "
+                             f"channels, got shape {x.shape}.")
+        if x.shape[1] != self.img_size or x.shape[2] != self.img_size:
+            raise ValueError(f"{self.arch}: built for img_size={self.img_size}, got input "
+                             f"{x.shape[1]}x{x.shape[2]}; build the backbone for the input size "
+                             f"(position embeddings are resampled on import, not per call).")
+        d = self.embed_dim
+        tokens = self.patch_embed(x.astype(self.dtype))
+        b = tokens.shape[0]
+        tokens = tokens + self.pos_embed[:, 1:].astype(self.dtype)
+        if keep_indices is not None:
+            if keep_indices.ndim != 2 or keep_indices.shape[0] != b:
+                raise ValueError(f"{self.arch}: keep_indices must be (batch={b}, n_keep), got "
+                                 f"shape {keep_indices.shape}.")
+            if keep_indices.shape[1] > self.num_patches:
+                raise ValueError(f"{self.arch}: keep_indices keeps {keep_indices.shape[1]} "
+                                 f"tokens but the image has {self.num_patches} patches.")
+            tokens = jnp.take_along_axis(tokens, keep_indices[:, :, None].astype(jnp.int32),
+                                         axis=1)
+        cls = (self.cls_token + self.pos_embed[:, :1]).astype(self.dtype)
+        return jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), tokens], axis=1)
+
+    def encode(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
+        """Transformer blocks + final norm -> all tokens (B, N, D)."""
+        for block in self.blocks:
+            tokens = block(tokens, train=train)
+        return self.norm(tokens)
+
+    def __call__(self, x: jax.Array, *, train: bool = False,
+                 keep_indices: jax.Array | None = None) -> jax.Array:
+        """x (B, H, W, C) -> CLS features (B, embed_dim) after the final norm."""
+        return self.encode(self.embed(x, keep_indices), train=train)[:, 0]

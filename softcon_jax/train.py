@@ -1,0 +1,297 @@
+"""Pretraining, top to bottom: config, mesh, data, model, step, checkpoint, loop.
+
+    python -m softcon_jax.train --config configs/quickstart.py --workdir runs/quickstart \
+        [--config.total_steps=100 --config.global_batch_size=256 ...]
+
+Reading order for newcomers: `train()` at the bottom calls the sections below in order.
+What differs between SoftCon and SeCo (networks, loss, EMA/queues) lives in
+`softcon_jax.methods`; everything shared lives here.
+
+Outputs in WORKDIR: `checkpoints/<step>/` (Orbax), `tensorboard/` (event files).
+Running again with the same WORKDIR resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from softcon_jax import data, distributed, methods, optim, sharding
+from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
+from softcon_jax.metrics import MetricWriter, Progress
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+
+
+# ==== Train state =========================================================================
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array           # number of updates applied so far
+    params: dict              # trainable (student) parameters
+    opt_state: optax.OptState
+    model_state: dict         # non-trained: BN statistics, EMA teacher, queues
+    num_nonfinite: jax.Array  # steps whose loss or gradient was not finite (never applied)
+
+
+def create_train_state(config, method, tx, mesh):
+    """Initialises the state directly in its sharded layout (jit with out_shardings)."""
+    example = method.example_batch(sharding.num_batch_shards(mesh))
+
+    def init(rng):
+        params, model_state = method.init(rng, example)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), model_state=model_state,
+                          num_nonfinite=jnp.zeros((), jnp.int32))
+
+    rng = jax.random.key(config.seed)
+    abstract = jax.eval_shape(init, rng)
+    shardings = sharding.state_shardings(abstract, mesh)
+    return jax.jit(init, out_shardings=shardings), rng, abstract, shardings
+
+
+# ==== Train step ==========================================================================
+
+def _microbatches(x, num: int):
+    """(B, ...) -> (num, B/num, ...) with strided rows, so each device keeps its share."""
+    x = x.reshape((x.shape[0] // num, num) + x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1)
+    return jax.lax.with_sharding_constraint(
+        x, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+
+
+def make_train_step(config, method, tx, schedule):
+    """Returns `train_step(state, batch) -> (state, metrics)`; the caller jits it."""
+    accum = int(config.get("grad_accum_steps", 1))
+    base_key = jax.random.key(config.seed)
+
+    def loss_and_grads(params, model_state, batch, rng, step):
+        grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+        if accum == 1:
+            (loss, (model_state, metrics)), grads = grad_fn(params, model_state, batch, rng,
+                                                            step)
+            return loss, grads, model_state, metrics
+
+        # Gradient accumulation: each micro-batch is its own contrastive batch (its
+        # negatives are the micro-batch's), gradients are averaged.
+        def body(carry, xs):
+            grads_sum, model_state, i = carry
+            (loss, (model_state, metrics)), grads = grad_fn(
+                params, model_state, xs, jax.random.fold_in(rng, i), step)
+            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+            return (grads_sum, model_state, i + 1), (loss, metrics)
+
+        micro = jax.tree.map(lambda x: _microbatches(x, accum), batch)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, model_state, _), (loss, metrics) = jax.lax.scan(
+            body, (zeros, model_state, 0), micro)
+        grads = jax.tree.map(lambda g: g / accum, grads)
+        return loss.mean(), grads, model_state, jax.tree.map(jnp.mean, metrics)
+
+    def train_step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(base_key, state.step)
+        loss, grads, model_state, metrics = loss_and_grads(
+            state.params, state.model_state, batch, rng, state.step)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        model_state, method_metrics = method.after_update(params, model_state, state.step)
+
+        # Numerical guard: a non-finite loss or gradient is never applied. The host then
+        # stops or goes on, as config.nonfinite says (see the loop).
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updated = state.replace(params=params, opt_state=opt_state, model_state=model_state)
+        state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+        state = state.replace(step=state.step + 1,
+                              num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32))
+        metrics = {**metrics, **method_metrics, "loss/total": loss,
+                   "train/lr": schedule(state.step - 1), "train/grad_norm": grad_norm}
+        return state, metrics
+
+    return train_step
+
+
+def jit_train_step(config, method, tx, schedule, mesh, state_shardings):
+    """Sharded, donated train step: state keeps its layout, the batch is split over devices."""
+    return jax.jit(make_train_step(config, method, tx, schedule),
+                   in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)),
+                   donate_argnums=(0,))
+
+
+# ==== Preemption ==========================================================================
+
+class _SigtermFlag:
+    """Turns SIGTERM (a preemption notice) into a flag the loop polls between steps."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and exiting.")
+        self.received = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+# ==== The run =============================================================================
+
+def ensure_synthetic_data(data_config):
+    """Writes the built-in synthetic dataset first when the config asks for one.
+
+    `config.data.synthetic` (a dict of `data_prep.synthetic.write_dataset` arguments) makes
+    the quickstart self-contained. Process 0 writes; the others wait at a barrier.
+    """
+    spec = data_config.get("synthetic")
+    if not spec:
+        return
+    if jax.process_index() == 0:
+        from data_prep import synthetic  # the converters are not needed otherwise
+        synthetic.write_dataset(data_config.path, **spec.to_dict())
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("synthetic data written")
+
+
+def validate(config, mesh):
+    """Fails early, naming the config key, on settings that cannot work."""
+    sharding.check_batch_divides(config.global_batch_size, mesh)
+    accum = int(config.get("grad_accum_steps", 1))
+    if accum < 1:
+        raise ValueError(f"config.grad_accum_steps={accum}; expected a positive integer.")
+    if accum > 1:
+        sharding.check_batch_divides(config.global_batch_size // accum, mesh,
+                                     key="config.global_batch_size / config.grad_accum_steps")
+        if config.global_batch_size % accum:
+            raise ValueError(f"config.global_batch_size={config.global_batch_size} is not "
+                             f"divisible by config.grad_accum_steps={accum}.")
+    if config.nonfinite not in ("stop", "skip"):
+        raise ValueError(f"config.nonfinite={config.nonfinite!r}; expected 'stop' or 'skip'.")
+    if config.global_batch_size % jax.process_count():
+        raise ValueError(f"config.global_batch_size={config.global_batch_size} is not "
+                         f"divisible by the {jax.process_count()} processes.")
+
+
+def train(config, workdir: str, *, devices=None) -> TrainState:
+    """Runs (or resumes) pretraining in `workdir`; returns the final train state."""
+    # --- mesh -----------------------------------------------------------------------------
+    distributed.maybe_initialize()
+    mesh = sharding.make_mesh(config.mesh, devices)
+    validate(config, mesh)
+    logging.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), mesh.size,
+                 jax.process_count())
+
+    # --- data -----------------------------------------------------------------------------
+    ensure_synthetic_data(config.data)
+    dataset = data.build_dataset(config.data, global_batch_size=config.global_batch_size,
+                                 seed=config.seed, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+    data_iter = iter(dataset)
+
+    # --- model and optimizer --------------------------------------------------------------
+    method = methods.get(config.method)(config, mesh)
+    tx, schedule = optim.make_optimizer(config)
+    init_fn, rng, abstract, state_shardings = create_train_state(config, method, tx, mesh)
+
+    # --- checkpoint: resume when the workdir has one --------------------------------------
+    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep,
+                        async_save=config.checkpoint.get("async_save", True))
+    start = ckpt.latest_step()
+    if start is None:
+        state = init_fn(rng)
+        start = 0
+    else:
+        logging.info("Resuming from %s/%d.", ckpt.directory, start)
+        state = ckpt.restore(start, abstract_with_shardings(abstract, state_shardings),
+                             data_iter)
+
+    # --- loop -----------------------------------------------------------------------------
+    step_fn = jit_train_step(config, method, tx, schedule, mesh, state_shardings)
+    writer = MetricWriter(workdir)
+    progress = Progress(config.total_steps, config.global_batch_size, start)
+    sigterm = _SigtermFlag()
+    stop_after = config.get("stop_after_step") or None
+    last_good = ckpt.latest_step()
+
+    def check_finite(step):
+        bad = int(jax.device_get(state.num_nonfinite))
+        if bad and config.nonfinite == "stop":
+            raise NonFiniteError(
+                f"Non-finite loss or gradient in {bad} step(s) up to step {step}; those "
+                f"updates were not applied. Stopping (config.nonfinite='stop'). The last good "
+                f"checkpoint is step {last_good} in {ckpt.directory}.")
+        return bad
+
+    def save(step):
+        nonlocal last_good
+        check_finite(step)
+        ckpt.save(step, state, data_iter, config)
+        last_good = step
+
+    try:
+        step = start
+        t_compile = time.perf_counter()
+        while step < config.total_steps:
+            batch = sharding.host_batch_to_global(next(data_iter), mesh)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            if step == start + 1:
+                jax.block_until_ready(state)
+                logging.info("First step (including compilation) took %.1f s.",
+                             time.perf_counter() - t_compile)
+                progress.timing(step)
+
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                metrics = jax.device_get(metrics)
+                timing = progress.timing(step)
+                bad = check_finite(step)
+                writer.write_scalars(step, {**metrics, **timing, "train/nonfinite_steps": bad})
+                progress.report(step, float(metrics["loss/total"]), timing)
+
+            preempted = (ckpt.reached_preemption(step) if jax.process_count() > 1
+                         else sigterm.received)
+            if preempted or step == stop_after:
+                save(step)
+                ckpt.wait()
+                logging.info("Stopped at step %d (%s); checkpoint saved. Run again with the "
+                             "same --workdir to resume.", step,
+                             "preemption" if preempted else "config.stop_after_step")
+                return state
+            if step % config.checkpoint.every_steps == 0 or step == config.total_steps:
+                save(step)
+        ckpt.wait()
+        return state
+    finally:
+        sigterm.restore()
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required.")
+    train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,130 @@
+"""Trainer: sharded step equals single-device step, exact resume, clear config errors."""
+
+import glob
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import quickstart
+from softcon_jax import methods, optim, sharding, train
+
+
+def _test_config(**overrides):
+    config = quickstart.get_config("test")
+    config.unlock()
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return config
+
+
+def _random_batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    b, s, c = config.global_batch_size, config.data.image_size, config.data.in_channels
+    labels = (rng.random((2, b, 9)) < 0.3).astype(np.float32)
+    labels[:, :3] = 0.0  # a few unlabelled samples
+    return {"view1": rng.normal(size=(b, s, s, c)).astype(np.float32),
+            "view2": rng.normal(size=(b, s, s, c)).astype(np.float32),
+            "labels1": labels[0], "labels2": labels[1]}
+
+
+def _one_step(config, devices, batch):
+    mesh = sharding.make_mesh(config.mesh, devices)
+    method = methods.get(config.method)(config, mesh)
+    tx, schedule = optim.make_optimizer(config)
+    init_fn, rng, _, shardings = train.create_train_state(config, method, tx, mesh)
+    state = init_fn(rng)
+    step = train.jit_train_step(config, method, tx, schedule, mesh, shardings)
+    for _ in range(2):  # two steps: the second one sees updated BN stats and EMA teacher
+        state, metrics = step(state, sharding.host_batch_to_global(batch, mesh))
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+def _assert_trees_close(a, b, rtol):
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        scale = max(np.abs(y).max(), 1e-6)
+        assert np.abs(x - y).max() <= rtol * scale, (np.abs(x - y).max(), scale)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"mesh.data": 4, "mesh.fsdp": 2, "model.mask_ratio": 0.5},
+    {"grad_accum_steps": 2, "loss.num_chunks": 2},
+])
+def test_sharded_step_equals_single_device(overrides):
+    assert jax.device_count() == 8
+    config = _test_config(**overrides)
+    batch = _random_batch(config)
+    state8, metrics8 = _one_step(config, jax.devices(), batch)
+    config1 = _test_config(**{**overrides, "mesh.data": 1, "mesh.fsdp": 1})
+    state1, metrics1 = _one_step(config1, jax.devices()[:1], batch)
+
+    np.testing.assert_allclose(metrics8["loss/total"], metrics1["loss/total"], rtol=1e-5)
+    assert np.isfinite(metrics8["loss/total"])
+    _assert_trees_close(state8.params, state1.params, rtol=1e-5)
+    _assert_trees_close(state8.model_state, state1.model_state, rtol=1e-5)
+    # The step changed the parameters (the comparison above is not vacuous).
+    assert int(state8.step) == 2
+
+
+def test_per_device_batchnorm_differs_from_sync():
+    """'per_device' BN (shuffle-BN emulation) really uses per-shard statistics."""
+    config = _test_config(**{"model.backbone": "resnet18", "model.backbone_kwargs": {}})
+    batch = _random_batch(config)
+    _, sync = _one_step(config, jax.devices(), batch)
+    _, per_dev = _one_step(_test_config(**{"model.backbone": "resnet18",
+                                           "model.backbone_kwargs": {},
+                                           "model.batch_norm": "per_device"}),
+                           jax.devices(), batch)
+    assert abs(float(sync["loss/total"]) - float(per_dev["loss/total"])) > 1e-6
+
+
+def _params_of_run(workdir, config):
+    return jax.device_get(train.train(config, str(workdir)).params)
+
+
+def test_stop_after_step_and_resume_matches_uninterrupted(tmp_path):
+    data_path = str(tmp_path / "data")
+    straight = _params_of_run(tmp_path / "straight", _test_config(**{"data.path": data_path}))
+
+    stopped = _test_config(**{"data.path": data_path, "stop_after_step": 3})
+    train.train(stopped, str(tmp_path / "resumed"))
+    ckpts = os.listdir(tmp_path / "resumed" / "checkpoints")
+    assert "3" in ckpts and "8" not in ckpts
+    resumed = _params_of_run(tmp_path / "resumed", _test_config(**{"data.path": data_path}))
+
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    assert glob.glob(str(tmp_path / "resumed" / "tensorboard" / "events.out.tfevents.*"))
+
+
+def test_mesh_that_does_not_divide_batch_is_a_clear_error():
+    config = _test_config(global_batch_size=12)
+    mesh = sharding.make_mesh(config.mesh)
+    with pytest.raises(ValueError, match=r"config.global_batch_size=12 .*8 batch shards"):
+        train.validate(config, mesh)
+
+
+def test_mesh_larger_than_device_count_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"config.mesh asks for data=16"):
+        sharding.make_mesh({"data": 16, "fsdp": 1})
+
+
+def test_unknown_names_list_the_alternatives():
+    config = _test_config(**{"loss.name": "no_such_loss"})
+    mesh = sharding.make_mesh(config.mesh)
+    with pytest.raises(Exception, match=r"no_such_loss.*soft_contrastive"):
+        methods.get("softcon")(config, mesh)
+    with pytest.raises(ValueError, match=r"config.method='nope'.*softcon"):
+        methods.get("nope")
+    with pytest.raises(ValueError, match=r"config.optimizer.name='adam'.*adamw"):
+        optim.make_optimizer(_test_config(**{"optimizer.name": "adam"}))
