@@ -166,6 +166,7 @@ def write_shards(
     num_workers: int = 0,
     resume: bool = False,
     skip_bad: bool = False,
+    pre_skipped: Sequence[dict] = (),
     desc: str = "records",
 ) -> dict:
     """Writes ``make_example(item)`` for every item into ArrayRecord shards.
@@ -175,8 +176,10 @@ def write_shards(
     listed in the metadata (``num_skipped``, ``skipped``), otherwise the error
     propagates and no metadata is written. With ``num_workers > 0`` it must be
     picklable (a module-level function or ``functools.partial`` of one).
-    ``metadata`` (dataset, modality, bands, dtype, timesteps, image_size, ...)
-    is merged into the written ``metadata.json``, which is returned.
+    ``pre_skipped`` lists inputs the caller already skipped (same dict form:
+    item, path, reason) so the summary counts them too. ``metadata`` (dataset,
+    modality, bands, dtype, timesteps, image_size, ...) is merged into the
+    written ``metadata.json``, which is returned.
     """
     items = list(items)
     if num_shards < 1:
@@ -239,7 +242,7 @@ def write_shards(
                 _drain(progress_queue, bar)
 
     ordered = [markers[t.filename] for t in tasks]
-    skipped = [s for m in ordered for s in m["skipped"]]
+    skipped = list(pre_skipped) + [s for m in ordered for s in m["skipped"]]
     meta = dict(metadata)
     meta.update(
         format_version=FORMAT_VERSION,
@@ -256,6 +259,14 @@ def write_shards(
     log.info("wrote %d records in %d shards to %s (%d skipped)",
              meta["num_records"], num_shards, out_dir, len(skipped))
     return meta
+
+
+def summary(meta: dict, out_dir: str) -> str:
+    """One-paragraph human summary of a written dataset."""
+    lines = [f"{meta['num_records']} records in {meta['num_shards']} shards at {out_dir}; "
+             f"{meta['num_skipped']} inputs skipped"]
+    lines += [f"  skipped {s['path']}: {s['reason']}" for s in meta["skipped"]]
+    return "\n".join(lines)
 
 
 def _drain(progress_queue: Any, bar: tqdm) -> None:

@@ -131,7 +131,10 @@ def make_example(index: int, *, seed: int, image_size: int, timesteps: int, moda
             sig[:, nir] *= (1 + _VEG[:, None] * (vig - 1))
             if season == 3:  # harvested fields look like bare soil
                 sig[4] = 0.5 * sig[4] + 0.5 * signatures[7]
+            # Path radiance: strongest in the blue, absent in the cirrus band B10.
             haze = rng.gamma(2.0, 60.0) * np.linspace(1.5, 0.2, c, dtype=np.float32)
+            if modality == "s2c":
+                haze[S2C_BANDS.index("B10")] = 0.0
             sig = sig * (1 + 0.04 * rng.standard_normal(c).astype(np.float32)) + haze
         else:
             sig = sig + 0.5 * rng.standard_normal(sig.shape).astype(np.float32)

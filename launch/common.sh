@@ -1,11 +1,13 @@
 # shellcheck shell=bash
+# Globals defined here are read by the scripts that source this file:
+# shellcheck disable=SC2034
 # Helpers shared by the launch scripts (tpu_pod.sh, gpu_slurm.sbatch, multinode.sh).
 # This file is sourced, not executed.
 #
 # Conventions:
 #   * Every command a script runs goes through `run` (one command) or `run_pipe`
 #     (a shell pipeline). With --dry-run it is printed instead of run, one per
-#     line, as "+ <command>" quoted with printf %q (so shlex.split can parse it).
+#     line, as "+ <command>" with POSIX shell quoting (shlex.split parses it).
 #     A line may carry a label: "+ [task 3 on gpu02] <command>". Lines starting
 #     with "#" are comments. Without --dry-run the same line is logged to stderr.
 #   * Errors print "ERROR: <script>: <message>" to stderr and exit with status 2.
@@ -34,10 +36,20 @@ log() { echo "[$LAUNCH_NAME] $*" >&2; }
 is_dry_run() { [[ $DRY_RUN == 1 ]]; }
 is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
+# Prints one word quoted for the shell: as is when safe, else in single quotes.
+quote_word() {
+  if [[ $1 =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    local q="'\\''"
+    printf "'%s'" "${1//\'/$q}"
+  fi
+}
+
 # Prints its arguments as one shell-quoted command line.
 quote_cmd() {
-  local out
-  printf -v out '%q ' "$@"
+  local out="" word
+  for word in "$@"; do out+="$(quote_word "$word") "; done
   printf '%s' "${out% }"
 }
 
@@ -89,7 +101,7 @@ parse_common_arg() {
     --config.*) TRAIN_OVERRIDES+=("$1"); SHIFT_BY=1 ;;
     --dry-run) DRY_RUN=1; SHIFT_BY=1 ;;
     -h | --help) usage; exit 0 ;;
-    --) SHIFT_BY=$#; shift; TRAIN_OVERRIDES+=("$@") ;;
+    --) TRAIN_OVERRIDES+=("${@:2}"); SHIFT_BY=$# ;;
     *) die "unknown option: $1 (see --help)" ;;
   esac
 }
@@ -101,17 +113,19 @@ is_eq_flag() { [[ $1 == --*=* && $1 != --config.* ]]; }
 # Help text for the shared options, appended to each script's usage().
 common_usage() {
   cat <<'EOF'
-Training options (same for every launch script):
-  --config PATH        config file, relative to the repo root   [env SOFTCON_CONFIG]  (required)
-  --workdir DIR        checkpoints/logs dir, may be gs://...     [env SOFTCON_WORKDIR] (required)
+Training settings (same for every launch script):
+  --config PATH        config file (config_flags "file.py:arg" form allowed), relative
+                       to the repo root; required                     [SOFTCON_CONFIG]
+  --workdir DIR        checkpoints and TensorBoard; may be gs://...; required
+                                                                     [SOFTCON_WORKDIR]
   --data DIR           data shard dir, may be gs://...; passed as --config.data.path=DIR
-                                                                 [env SOFTCON_DATA]
-  --config.KEY=VALUE   config override passed to every process (repeatable)
-  -- ARGS...           everything after -- is passed to the trainer unchanged
-  --dry-run            print the commands ("+ ..." lines) instead of running them
-                                                                 [env SOFTCON_DRY_RUN=1]
+                                                                        [SOFTCON_DATA]
+  --config.KEY=VALUE   config override, passed to every process (repeatable)
+  -- ARGS...           everything after -- goes to the trainer unchanged
+  --dry-run            print the commands as "+ ..." lines instead of running them
+                                                                   [SOFTCON_DRY_RUN=1]
   -h, --help           show this help
-Options also accept the --flag=value form.
+Flags also accept the --flag=value form.
 EOF
 }
 

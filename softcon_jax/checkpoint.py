@@ -10,7 +10,6 @@ Every process must call `save` (each writes its own shards and its own iterator 
 from __future__ import annotations
 
 import json
-import os
 
 import grain
 import jax
@@ -72,7 +71,3 @@ def abstract_with_shardings(state, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         state, shardings)
 
-
-def has_checkpoint(workdir: str) -> bool:
-    return os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
-        n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))

@@ -26,12 +26,17 @@ def _explicit_coordinator() -> dict | None:
     return kwargs
 
 
+def _on_cloud_tpu_vm() -> bool:
+    # TPU VMs expose the chips as /dev/accel* (v2-v4) or /dev/vfio (v5+). JAX finds the
+    # slice's other hosts from the metadata server, so initialize() needs no arguments.
+    return os.path.exists("/dev/accel0") or os.path.isdir("/dev/vfio")
+
+
 def _needs_auto_initialize() -> bool:
-    """A SLURM job with several tasks, or a multi-host TPU slice."""
+    """A SLURM job with several tasks, or a Cloud TPU VM (single- or multi-host)."""
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return True
-    tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return len([h for h in tpu_hosts.split(",") if h]) > 1
+    return _on_cloud_tpu_vm()
 
 
 def maybe_initialize() -> None:

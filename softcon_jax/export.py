@@ -17,6 +17,7 @@ import os
 import jax
 import ml_collections
 from absl import app, flags, logging
+from etils import epath
 
 from softcon_jax import interop, methods, optim, sharding
 from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
@@ -31,11 +32,8 @@ _WHICH = flags.DEFINE_enum("which", "teacher", ["teacher", "student"],
 
 
 def _dataset_metadata(data_config) -> dict:
-    path = os.path.join(data_config.path, "metadata.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return {}
+    path = epath.Path(data_config.path) / "metadata.json"  # local or gs://
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def restore_backbone(workdir: str, step: int | None = None, which: str = "teacher"):

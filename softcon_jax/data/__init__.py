@@ -1,0 +1,23 @@
+"""Input data: record schema, Grain pipeline, augmentations, normalisation.
+
+``build_dataset(data_config, *, global_batch_size, seed, process_index=0,
+process_count=1)`` returns an infinite ``grain.IterDataset`` of host-local
+batches; ``default_config()`` gives the ``data_config`` defaults.
+"""
+
+from softcon_jax.data import augment, normalize, records
+from softcon_jax.data.pipeline import (
+    available_views,
+    build_dataset,
+    build_views_transform,
+    default_config,
+    load_metadata,
+    register_views,
+    to_global_arrays,
+)
+
+__all__ = [
+    "augment", "normalize", "records", "available_views", "build_dataset",
+    "build_views_transform", "default_config", "load_metadata", "register_views",
+    "to_global_arrays",
+]

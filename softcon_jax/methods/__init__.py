@@ -15,9 +15,10 @@ with this interface:
 
 from __future__ import annotations
 
+from softcon_jax.methods.seco import SeCo
 from softcon_jax.methods.softcon import SoftCon
 
-METHODS = {"softcon": SoftCon}
+METHODS = {"softcon": SoftCon, "seco": SeCo}
 
 
 def get(name: str):

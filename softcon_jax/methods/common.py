@@ -49,32 +49,38 @@ def bn_groups(config, mesh: Mesh) -> int:
     raise ValueError(f"config.model.batch_norm={mode!r}; expected 'sync' or 'per_device'.")
 
 
-def gathered_loss(loss_fn: Callable, mesh: Mesh, q, k, *, extra_local=None,
-                  extra_gathered=None, **kwargs):
+def gathered_loss(loss_fn: Callable, mesh: Mesh, q, k, *, q_axis: int = 0, k_axis: int = 0,
+                  extra_local=None, extra_gathered=None, extra_replicated=None, **kwargs):
     """Evaluates `loss_fn` with local rows against columns gathered from every device.
 
-    Inside `shard_map` each device holds its n rows of `q` (and `extra_local`, e.g. the
-    query labels) and all-gathers `k` (and `extra_gathered`) to N = n x devices columns.
-    Row i of the device is global sample `axis_index * n + i`. The device means are averaged,
-    which is the mean over the global batch, and gradients w.r.t. `q` are exact.
+    Inside `shard_map` each device holds its n rows of `q` (batch dimension `q_axis`) and of
+    `extra_local` (e.g. the query labels), and all-gathers `k` (batch dimension `k_axis`) and
+    `extra_gathered` to N = n x devices columns; `extra_replicated` (e.g. queues) is the same
+    on every device. Row i of a device is global sample `axis_index * n + i`. The device
+    means are averaged, which is the mean over the global batch; gradients w.r.t. `q` are
+    exact (keys get none: the losses stop their gradient).
     """
-    extra_local = extra_local or {}
-    extra_gathered = extra_gathered or {}
-    spec = P(BATCH_AXES)
+    extra_local, extra_gathered = extra_local or {}, extra_gathered or {}
+    extra_replicated = extra_replicated or {}
 
-    def local(q, k, extra_local, extra_gathered):
-        gather = lambda x: jax.lax.all_gather(x, BATCH_AXES, axis=0, tiled=True)
-        k_all = gather(k)
-        gathered = jax.tree.map(gather, extra_gathered)
-        offset = jax.lax.axis_index(BATCH_AXES) * q.shape[0]
+    def batch_spec(axis):
+        return P(*([None] * axis), BATCH_AXES)
+
+    def local(q, k, extra_local, extra_gathered, extra_replicated):
+        k_all = jax.lax.all_gather(k, BATCH_AXES, axis=k_axis, tiled=True)
+        gathered = jax.tree.map(
+            lambda x: jax.lax.all_gather(x, BATCH_AXES, axis=0, tiled=True), extra_gathered)
+        offset = jax.lax.axis_index(BATCH_AXES) * q.shape[q_axis]
         value = losses.call(loss_fn, q, k_all, row_offset=offset, **extra_local, **gathered,
-                            **kwargs)
+                            **extra_replicated, **kwargs)
         return jax.lax.pmean(value, BATCH_AXES)
 
-    specs = (spec, spec, jax.tree.map(lambda _: spec, extra_local),
-             jax.tree.map(lambda _: spec, extra_gathered))
+    specs = (batch_spec(q_axis), batch_spec(k_axis),
+             jax.tree.map(lambda _: batch_spec(0), extra_local),
+             jax.tree.map(lambda _: batch_spec(0), extra_gathered),
+             jax.tree.map(lambda _: P(), extra_replicated))
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(
-        q, k, extra_local, extra_gathered)
+        q, k, extra_local, extra_gathered, extra_replicated)
 
 
 def ema(teacher, student, momentum):

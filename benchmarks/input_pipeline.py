@@ -1,0 +1,164 @@
+"""Input pipeline throughput: records/s and MB/s per worker.
+
+Input: synthetic SSL4EO-S12-like records, 4 seasons x 13 x 264 x 264 uint16;
+each record becomes two 224 x 224 SoftCon views (random resized crop, jitter,
+grayscale, blur, flip, SoftCon normalisation). Measured in the same run:
+
+- ``grain``: this project's pipeline (Grain MapDataset over ArrayRecord,
+  vectorised NumPy augmentations), with 0 worker processes (everything in the
+  main process, one thread) and with ``--workers`` processes;
+- ``reference-style``: a per-sample loop as the reference PyTorch loaders do
+  it (decode, then per-band normalise / crop / resize / jitter / blur / flip
+  in plain NumPy + SciPy, then stack), single process.
+
+MB/s counts decoded record bytes (the whole record, all seasons).
+
+    python benchmarks/input_pipeline.py            # a few minutes
+    python benchmarks/input_pipeline.py --smoke    # seconds, tiny images
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+from scipy import ndimage
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data_prep import synthetic  # noqa: E402
+from softcon_jax import data  # noqa: E402
+from softcon_jax.data import normalize, records  # noqa: E402
+
+
+def _grain_rate(path: str, size: int, channels: int, batch: int, batches: int, workers: int,
+                warmup: int) -> float:
+    cfg = data.default_config()
+    cfg.path, cfg.image_size, cfg.in_channels = path, size, channels
+    cfg.num_workers, cfg.read_threads = workers, 1
+    it = iter(data.build_dataset(cfg, global_batch_size=batch, seed=0))
+    for _ in range(warmup):
+        next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    dt = time.perf_counter() - t
+    it.close()
+    return batches * batch / dt
+
+
+def _reference_view(img: np.ndarray, rng: np.random.Generator, size: int, mean, std,
+                    blur_p: float) -> np.ndarray:
+    """One view, band by band, the way the reference per-sample loaders work."""
+    c, h, w = img.shape
+    bands = []
+    for b in range(c):  # per-band normalisation (SSL4EO-S12 style)
+        lo, hi = mean[b] - 2 * std[b], mean[b] + 2 * std[b]
+        bands.append(np.clip((img[b].astype(np.float64) - lo) / (hi - lo), 0, 1))
+    area = h * w * rng.uniform(0.08, 1.0)
+    ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    ch = int(min(h, round(np.sqrt(area / ratio))))
+    cw = int(min(w, round(np.sqrt(area * ratio))))
+    top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    out = []
+    jitter = rng.random() < 0.8
+    blur = rng.random() < blur_p
+    sigma = rng.uniform(0.1, 2.0)
+    flip = rng.random() < 0.5
+    for band in bands:
+        x = band[top:top + ch, left:left + cw]
+        x = ndimage.zoom(x, (size / ch, size / cw), order=1, grid_mode=True, mode="nearest")
+        if jitter:
+            x = np.clip(x * rng.uniform(0.6, 1.4), 0, 1)
+            m = x.mean()
+            x = np.clip((x - m) * rng.uniform(0.6, 1.4) + m, 0, 1)
+        if blur:
+            x = ndimage.gaussian_filter(x, sigma)
+        if flip:
+            x = x[:, ::-1]
+        out.append(x)
+    view = np.stack(out, axis=-1).astype(np.float32)
+    if rng.random() < 0.2:
+        view[:] = view.mean(axis=-1, keepdims=True)
+    return view
+
+
+def _reference_rate(path: str, size: int, batch: int, batches: int) -> float:
+    import grain
+
+    meta, _ = data.load_metadata(path)
+    src = grain.sources.ArrayRecordDataSource([os.path.join(path, s) for s in meta["shards"]])
+    stats = normalize.STATS["s2c"]
+    mean = [stats[b]["mean"] for b in meta["bands"]]
+    std = [stats[b]["std"] for b in meta["bands"]]
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(src))
+    t = time.perf_counter()
+    k = 0
+    for _ in range(batches):
+        v1, v2 = [], []
+        for _ in range(batch):
+            ex = records.decode(src[int(order[k % len(order)])])
+            k += 1
+            s1, s2 = rng.choice(ex["image"].shape[0], 2, replace=False)
+            v1.append(_reference_view(ex["image"][s1], rng, size, mean, std, 1.0))
+            v2.append(_reference_view(ex["image"][s2], rng, size, mean, std, 0.1))
+        np.stack(v1), np.stack(v2)
+    return batches * batch / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny, seconds: checks it runs")
+    p.add_argument("--data", default="/tmp/softcon_bench_input")
+    p.add_argument("--records", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=264)
+    p.add_argument("--view-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batches", type=int, default=4, help="timed batches per repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2, help="worker processes for the grain row")
+    p.add_argument("--machine", default=None, help="machine description for the table")
+    a = p.parse_args()
+    if a.smoke:
+        a.data = a.data + "_smoke"
+        a.records, a.image_size, a.view_size = 8, 40, 32
+        a.batch_size, a.batches, a.repeats, a.workers = 4, 2, 1, 1
+
+    meta = synthetic.write_dataset(a.data, num_locations=a.records, num_shards=4,
+                                   image_size=a.image_size, bands=13, timesteps=4)
+    rec_mb = meta["timesteps"] * 13 * a.image_size ** 2 * 2 / 1e6
+    rows = []
+    runs = [("grain + vectorised NumPy (ours)", 0), ("grain + vectorised NumPy (ours)", a.workers)]
+    for name, workers in runs:
+        rates = [_grain_rate(a.data, a.view_size, 13, a.batch_size, a.batches, workers,
+                             warmup=max(1, workers) * 2) for _ in range(a.repeats)]
+        rows.append((name, f"{workers} (main process)" if workers == 0 else str(workers),
+                     max(workers, 1), statistics.median(rates)))
+    base = [_reference_rate(a.data, a.view_size, a.batch_size, a.batches)
+            for _ in range(a.repeats)]
+    rows.append(("reference-style per-sample loop", "0 (main process)", 1,
+                 statistics.median(base)))
+
+    machine = a.machine or f"{os.cpu_count()}-core CPU ({platform.machine()})"
+    cmd = "python benchmarks/input_pipeline.py" + (" --smoke" if a.smoke else "")
+    print(f"\nInput pipeline: {a.records} records of 4 x 13 x {a.image_size}^2 uint16 -> "
+          f"two {a.view_size}x{a.view_size}x13 float32 views; batch {a.batch_size}, "
+          f"median of {a.repeats} x {a.batches} batches.")
+    print(f"Command: `{cmd}`; machine: {machine}.\n")
+    print("| pipeline | worker processes | records/s | records/s per worker "
+          "| MB/s per worker | vs baseline (per worker) |")
+    print("|---|---|---|---|---|---|")
+    ref = rows[-1][3]
+    for name, workers, n, rate in rows:
+        print(f"| {name} | {workers} | {rate:.1f} | {rate / n:.1f} | {rate / n * rec_mb:.1f} "
+              f"| {rate / n / ref:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""SoftCon continual pretraining on SSL4EO-S12 (the paper's setting, as far as it is public).
+
+    python -m softcon_jax.train --config configs/softcon.py:vits14,s2c --workdir gs://.../run
+    # arg = "<backbone>,<modality>[,baseline]"
+    #   backbone: rn50 | vits14 | vitb14        modality: s2c (13 bands) | s2a (12) | s1 (2)
+    #   baseline: the plain MoCo-v3 seasonal baseline (InfoNCE, no label softening)
+
+Start from DINO/DINOv2 weights with `--config.init.weights=/path/dinov2_vits14.pth`: the
+backbone is imported with `softcon_jax.interop.import_torch` and the first layer is
+re-initialised for the band count. Optimiser and schedule follow the MoCo-v3 recipe
+(REFERENCE §1): LARS for ResNet, AdamW for ViT, 10 warm-up epochs of 100.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from softcon_jax import data as data_lib
+
+BACKBONES = {"rn50": "resnet50", "vits14": "vit_small_patch14_dinov2",
+             "vitb14": "vit_base_patch14_dinov2"}
+CHANNELS = {"s2c": 13, "s2a": 13, "s1": 2}  # s2a gets a zero B10 band inserted (SoftCon)
+NUM_LOCATIONS = 250_000  # SSL4EO-S12
+
+
+def get_config(arg: str = "vits14,s2c") -> ml_collections.ConfigDict:
+    parts = arg.split(",")
+    backbone, modality = parts[0], parts[1] if len(parts) > 1 else "s2c"
+    baseline = "baseline" in parts[2:]
+    if backbone not in BACKBONES or modality not in CHANNELS:
+        raise ValueError(f"configs/softcon.py:{arg}: expected '<{'|'.join(BACKBONES)}>,"
+                         f"<{'|'.join(CHANNELS)}>[,baseline]'.")
+    vit = backbone != "rn50"
+
+    c = ml_collections.ConfigDict()
+    c.method = "softcon"
+    c.seed = 0
+    c.global_batch_size = 4096
+    epochs, warmup_epochs = 100, 10
+    steps_per_epoch = NUM_LOCATIONS // c.global_batch_size
+    c.total_steps = epochs * steps_per_epoch
+    c.stop_after_step = config_dict.placeholder(int)
+    c.grad_accum_steps = 1
+    c.log_every_steps = 50
+    c.nonfinite = "stop"
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+
+    c.data = data_lib.default_config()
+    c.data.path = f"gs://YOUR_BUCKET/ssl4eo_s12/{modality}"
+    c.data.views = "softcon"
+    c.data.image_size = 224
+    c.data.in_channels = CHANNELS[modality]
+    c.data.stats = modality
+    c.data.normalization = "softcon"
+    c.data.num_workers = 16
+
+    c.model = ml_collections.ConfigDict()
+    c.model.backbone = BACKBONES[backbone]
+    c.model.backbone_kwargs = ml_collections.ConfigDict({"img_size": 224} if vit else {})
+    c.model.dtype = "bfloat16"
+    c.model.batch_norm = "sync"
+    c.model.mask_ratio = 0.0
+    # MoCo-v3: ResNet projector has 2 layers and a predictor without last BN; ViT 3 and with.
+    c.model.projector = ml_collections.ConfigDict(dict(
+        hidden_dim=4096, out_dim=256, num_layers=3 if vit else 2, last_bn=True))
+    c.model.predictor = ml_collections.ConfigDict(dict(
+        hidden_dim=4096, out_dim=256, num_layers=2, last_bn=vit))
+
+    c.init = ml_collections.ConfigDict(dict(weights="", first_layer="reinit"))
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "infonce" if baseline else "soft_contrastive"
+    c.loss.temperature = 0.2 if vit else 1.0
+    c.loss.moco_scale = True
+    c.loss.num_chunks = 1
+    c.loss.kwargs = ml_collections.ConfigDict(
+        {} if baseline else dict(soft_weight=1.0, variant="soft_ce"))
+
+    if vit:
+        c.optimizer = ml_collections.ConfigDict(dict(
+            name="adamw", lr=1.5e-4, lr_scale_batch=256, weight_decay=0.1, b1=0.9, b2=0.95,
+            grad_clip_norm=0.0))
+    else:
+        c.optimizer = ml_collections.ConfigDict(dict(
+            name="lars", lr=0.6, lr_scale_batch=0, weight_decay=1e-6, momentum=0.9,
+            grad_clip_norm=0.0))
+    c.schedule = ml_collections.ConfigDict(dict(
+        name="cosine", warmup_steps=warmup_epochs * steps_per_epoch, end_factor=0.0))
+    c.teacher = ml_collections.ConfigDict(dict(momentum=0.99, momentum_end=1.0))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
+    c.export = ml_collections.ConfigDict(dict(format="timm", which="teacher"))
+    return c

@@ -1,0 +1,89 @@
+"""Convert SeCo-100k / SeCo-1M (GeoTIFF tree) to ArrayRecord shards.
+
+Tree: ``ROOT/<location>/<product id>/<band>.tif``, 5 timestamps per location,
+12 bands (no B10), uint8. Only the timestamp *folders* are read: the RGB
+preview files ``<product id>.tif`` that SeCo-100k keeps next to them are
+ignored. 20 m / 60 m bands are resampled to the 10 m grid (bilinear).
+SeCo has no labels: ``labels`` are zeros and ``has_label`` False.
+
+    python -m data_prep.seco --root seasonal_contrast_1m --out DIR --num-shards 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+
+import numpy as np
+
+from data_prep import geotiff, shards
+from data_prep.shards import BadInputError
+from softcon_jax.data.records import NUM_CLASSES
+
+BANDS = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12"]
+TIMESTEPS = 5
+
+
+def make_example(item: tuple, *, root: str, size: int, timesteps: int) -> dict:
+    """Record of one location ``item = (location, timestamp folders)``."""
+    location, stamps = item
+    loc_dir = os.path.join(root, location)
+    if len(stamps) != timesteps:
+        raise BadInputError(loc_dir, f"expected {timesteps} timestamp folders, found "
+                                     f"{len(stamps)}: {stamps}")
+    image = np.stack([geotiff.read_season(os.path.join(loc_dir, s), BANDS, size, np.uint8)
+                      for s in stamps])
+    return {"image": image, "labels": np.zeros((timesteps, NUM_CLASSES), np.uint8),
+            "has_label": np.zeros(timesteps, bool), "seasons": list(stamps),
+            "location": location}
+
+
+def convert(root: str, out: str, *, num_shards: int, image_size: int | None = None,
+            timesteps: int = TIMESTEPS, num_workers: int = 0, resume: bool = False,
+            skip_bad: bool = False) -> dict:
+    """Converts the SeCo tree; returns the written metadata."""
+    if not os.path.isdir(root):
+        raise BadInputError(root, "SeCo root folder does not exist")
+    tree = {loc: geotiff.list_dirs(os.path.join(root, loc)) for loc in geotiff.list_dirs(root)}
+    if not tree:
+        raise BadInputError(root, "no location folders")
+    if image_size is None:
+        first = next(((loc, s) for loc, ss in tree.items() for s in ss), None)
+        if first is None:
+            raise BadInputError(root, "no timestamp folders under any location")
+        image_size = geotiff.infer_size(os.path.join(root, *first), BANDS)
+    items = [(loc, tree[loc]) for loc in sorted(tree)]
+    fn = functools.partial(make_example, root=root, size=image_size, timesteps=timesteps)
+    metadata = {
+        "dataset": "seco", "modality": "s2a", "bands": BANDS, "dtype": "uint8",
+        "timesteps": timesteps, "image_size": image_size, "num_classes": NUM_CLASSES,
+        "has_labels": False, "source": os.path.abspath(root),
+    }
+    return shards.write_shards(out, items, fn, name="seco", num_shards=num_shards,
+                               metadata=metadata, num_workers=num_workers, resume=resume,
+                               skip_bad=skip_bad, desc="seco")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Convert SeCo-100k / SeCo-1M to ArrayRecord shards.")
+    p.add_argument("--root", required=True,
+                   help="folder holding <location>/<product id>/<band>.tif")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="10 m grid size in px (default: read from the first 10 m band)")
+    p.add_argument("--timesteps", type=int, default=TIMESTEPS)
+    shards.add_common_args(p)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        meta = convert(a.root, a.out, num_shards=a.num_shards, image_size=a.image_size,
+                       timesteps=a.timesteps, num_workers=a.num_workers, resume=a.resume,
+                       skip_bad=a.skip_bad)
+    except BadInputError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(shards.summary(meta, a.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Check a converted dataset: ``python -m data_prep.verify DIR``.
+
+Reads every record of every shard listed in ``DIR/metadata.json`` and checks
+that it decodes, that image shape (T, C, H, W) and dtype match the metadata,
+that float pixels are finite, that labels are 0/1 and zero where
+``has_label`` is False, that locations are unique and that the per-shard and
+total record counts match the metadata. Prints the counts and one line per bad
+record (shard file and index); exits with status 1 if anything is bad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep import shards
+from softcon_jax.data import records
+
+
+def check_record(ex: dict, meta: dict) -> list[str]:
+    """Problems of one decoded record (empty list = good)."""
+    problems = []
+    size = meta["image_size"]
+    want = (meta["timesteps"], len(meta["bands"]), size, size)
+    img = ex["image"]
+    if img.shape != want:
+        problems.append(f"image shape {img.shape}, expected {want}")
+    if img.dtype != np.dtype(meta["dtype"]):
+        problems.append(f"image dtype {img.dtype}, expected {meta['dtype']}")
+    if img.dtype.kind == "f" and not np.isfinite(img).all():
+        problems.append(f"{int((~np.isfinite(img)).sum())} non-finite pixels")
+    if ex["labels"].max(initial=0) > 1:
+        problems.append("labels not multi-hot 0/1")
+    if ex["labels"][~ex["has_label"]].any():
+        problems.append("labels set on a season marked unlabelled")
+    if len(set(ex["seasons"])) != len(ex["seasons"]):
+        problems.append(f"duplicate season names {ex['seasons']}")
+    return problems
+
+
+def verify(directory: str, *, progress: bool = True) -> dict:
+    """Returns ``{"num_records", "num_shards", "num_bad", "bad": [(shard, index, reason)],
+    "num_labelled_seasons", "num_seasons"}``."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    meta = shards.read_metadata(directory)
+    if meta is None:
+        raise FileNotFoundError(f"{os.path.join(directory, shards.METADATA_FILE)} not found "
+                                f"(missing or incomplete conversion)")
+    bad: list[tuple[str, int, str]] = []
+    locations: Counter = Counter()
+    where: dict[str, tuple[str, int]] = {}
+    total = labelled = seasons = 0
+    expected_counts = meta.get("shard_num_records") or [None] * len(meta["shards"])
+    bar = tqdm(total=meta.get("num_records"), desc="verify", unit="rec", disable=not progress)
+    for shard, expected in zip(meta["shards"], expected_counts):
+        path = os.path.join(directory, shard)
+        if not os.path.exists(path):
+            bad.append((shard, -1, "shard file missing"))
+            continue
+        try:
+            reader = ArrayRecordReader(path)
+            n = reader.num_records()
+        except Exception as e:  # the reader raises plain RuntimeError/ValueError
+            bad.append((shard, -1, f"unreadable shard: {e}"))
+            continue
+        if expected is not None and n != expected:
+            bad.append((shard, -1, f"{n} records, metadata says {expected}"))
+        for i in range(n):
+            total += 1
+            bar.update(1)
+            try:
+                ex = records.decode(reader.read([i])[0])
+            except Exception as e:
+                bad.append((shard, i, f"cannot read/decode: {e}"))
+                continue
+            for problem in check_record(ex, meta):
+                bad.append((shard, i, problem))
+            locations[ex["location"]] += 1
+            where.setdefault(ex["location"], (shard, i))
+            labelled += int(ex["has_label"].sum())
+            seasons += len(ex["seasons"])
+        reader.close()
+    bar.close()
+    for loc, count in locations.items():
+        if count > 1:
+            bad.append((*where[loc], f"location {loc!r} occurs {count} times"))
+    if total != meta.get("num_records"):
+        bad.append(("metadata.json", -1, f"{total} records read, metadata says "
+                                         f"{meta.get('num_records')}"))
+    bad_records = {(s, i) for s, i, _ in bad}
+    return {"num_records": total, "num_shards": len(meta["shards"]), "bad": bad,
+            "num_bad": len(bad_records), "num_seasons": seasons,
+            "num_labelled_seasons": labelled, "num_skipped": meta.get("num_skipped", 0)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("dir", help="dataset directory (holding metadata.json)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    r = verify(a.dir, progress=not a.no_progress)
+    print(f"{a.dir}: {r['num_records']} records in {r['num_shards']} shards, "
+          f"{r['num_labelled_seasons']}/{r['num_seasons']} seasons labelled, "
+          f"{r['num_skipped']} inputs skipped at conversion, {r['num_bad']} bad")
+    for shard, index, reason in r["bad"]:
+        print(f"BAD {shard} index {index}: {reason}" if index >= 0 else f"BAD {shard}: {reason}")
+    return 1 if r["bad"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

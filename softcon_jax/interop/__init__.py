@@ -1,0 +1,301 @@
+"""PyTorch interop: import timm / torchvision / DINOv2 weights, export for timm / torchvision.
+
+- `import_torch(path, arch, in_channels, ...) -> (model, variables)`: builds the Flax backbone
+  and fills it from a `.safetensors` or `.pth` file (timm, torchvision or DINOv2-native
+  names). A first layer with another input-channel count is re-initialised (default) or
+  built from the file's kernel (`first_layer='from_rgb'`); the ViT position embedding is
+  resampled to the model's grid exactly as timm does.
+- `export_torch(model, variables, out_path, format)` writes the backbone with PyTorch names
+  and layouts plus a JSON sidecar (`<out_path minus suffix>.json`).
+- `backbone_features(model, variables, x)`: eval-mode features, as timm with num_classes=0.
+
+Nothing here imports torch at module import time; reading or writing `.pth` does, lazily.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from softcon_jax import models
+from softcon_jax.interop import keymaps
+from softcon_jax.interop.io import read_state_dict, write_state_dict
+from softcon_jax.interop.resample import resample_pos_embed
+from softcon_jax.models.layers import kaiming_fan_out, torch_default_init
+from softcon_jax.models.resnet import DEFAULT_WIDTHS, ResNet
+from softcon_jax.models.vit import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("timm", "torchvision", "dinov2")
+FIRST_LAYER_MODES = ("reinit", "from_rgb")
+_DINOV2_HUB = {"vit_small_patch14_dinov2": "dinov2_vits14",
+               "vit_base_patch14_dinov2": "dinov2_vitb14",
+               "vit_large_patch14_dinov2": "dinov2_vitl14"}
+
+
+class StateDictMismatchError(ValueError):
+    """A checkpoint or variables tree does not match the architecture."""
+
+
+def _family(model: Any) -> str:
+    if isinstance(model, VisionTransformer):
+        return "vit"
+    if isinstance(model, ResNet):
+        return "resnet"
+    raise TypeError(f"Expected a backbone from softcon_jax.models.build_backbone, got "
+                    f"{type(model).__name__}.")
+
+
+def _dummy_input(model: Any) -> jax.ShapeDtypeStruct:
+    size = model.img_size if isinstance(model, VisionTransformer) else 32
+    return jax.ShapeDtypeStruct((1, size, size, model.in_channels), jnp.float32)
+
+
+def abstract_variables(model: Any) -> dict:
+    """Shapes of the model's variables (`jax.eval_shape`, nothing is initialised)."""
+    return jax.eval_shape(functools.partial(model.init, train=False),
+                          jax.random.key(0), _dummy_input(model))
+
+
+def _fmt(keys: list[str], limit: int = 40) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _mismatch_message(what: str, missing: list[str], unexpected: list[str],
+                      shapes: list[str]) -> str:
+    lines = [what]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {_fmt(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {_fmt(unexpected)}")
+    if shapes:
+        lines.append(f"  shape mismatches ({len(shapes)}): {_fmt(shapes)}")
+    return "\n".join(lines)
+
+
+def _first_layer_from_file(w: np.ndarray, in_channels: int) -> np.ndarray:
+    """'from_rgb': the mean kernel over the file's channels, for every band, x C_file / C.
+
+    An input whose C bands all equal one image I then gives the same first-layer output as
+    the source model on an input whose channels all equal I (e.g. a grey RGB image).
+    """
+    c_file = w.shape[1]
+    mean = w.astype(np.float64).mean(axis=1, keepdims=True)
+    return np.repeat(mean * (c_file / in_channels), in_channels, axis=1).astype(np.float32)
+
+
+def import_torch(path: str | os.PathLike, arch: str, in_channels: int, *,
+                 first_layer: str = "reinit", img_size: int = 224, seed: int = 0,
+                 key_prefix: str | None = None, pos_embed_antialias: bool = True,
+                 **arch_kwargs: Any) -> tuple[Any, dict]:
+    """Builds backbone `arch` for `in_channels` bands and loads a PyTorch checkpoint into it.
+
+    Args:
+      path: `.safetensors`, or `.pth`/`.pt` (loaded with torch, `weights_only=True`).
+        Names may be timm, torchvision or DINOv2-native; wrapper prefixes such as
+        `module.` / `backbone.` are stripped (the EMA `teacher` is preferred when a file
+        holds several backbones); classifier heads (`fc.*`, `head.*`) and DINOv2's
+        `mask_token` are ignored.
+      arch: a timm name from `softcon_jax.models.available_backbones()`.
+      in_channels: input bands of the new model.
+      first_layer: what to do when the file's first layer has another channel count:
+        'reinit' (default, as SoftCon): a fresh init of conv1 / patch_embed.proj weight
+        (the patch-embed bias is kept); 'from_rgb': every band gets the mean of the file's
+        kernels over its channels, scaled by C_file / in_channels.
+      img_size: ViT input size; the position embedding is resampled to its grid when the
+        file's grid differs (e.g. DINOv2's 37x37 at 518 px -> 16x16 at 224 px). Ignored for
+        ResNets.
+      seed: PRNG seed of the re-initialised first layer.
+      key_prefix: explicit prefix to strip (overrides the automatic choice).
+      pos_embed_antialias: bicubic antialias flag of the resampling. True is what timm's
+        `checkpoint_filter_fn` (used by `create_model(..., pretrained=True, img_size=...)`)
+        does; False matches DINOv2's own `interpolate_pos_encoding`.
+      **arch_kwargs: `build_backbone` overrides (dtype, bn_groups, tiny sizes, ...).
+
+    Returns:
+      (model, variables) with float32 'params' (and 'batch_stats' for ResNets).
+
+    Raises:
+      StateDictMismatchError: missing / unexpected keys or shapes that differ (listed).
+    """
+    if first_layer not in FIRST_LAYER_MODES:
+        raise ValueError(f"first_layer={first_layer!r}; expected one of {FIRST_LAYER_MODES}.")
+    if arch not in models.available_backbones():
+        raise ValueError(f"import_torch: unknown arch {arch!r}; available: "
+                         f"{models.available_backbones()}.")
+    kwargs = dict(arch_kwargs)
+    if arch.startswith("vit"):
+        kwargs["img_size"] = img_size
+    model = models.build_backbone(arch, in_channels=in_channels, **kwargs)
+    family = _family(model)
+    spec = keymaps.torch_spec(abstract_variables(model))
+
+    raw = read_state_dict(path)
+    try:
+        sd, ignored = keymaps.normalize(raw, family, key_prefix)
+    except ValueError as e:
+        raise StateDictMismatchError(f"{path}: {e}") from None
+    if ignored:
+        log.info("%s: ignoring %d non-backbone keys: %s", path, len(ignored), _fmt(ignored, 10))
+
+    first_key = keymaps.FIRST_LAYER[family]
+    missing = sorted(set(spec) - set(sd))
+    unexpected = sorted(set(sd) - set(spec))
+    shapes = []
+    for key in sorted(set(spec) & set(sd)):
+        want, got = spec[key][3], tuple(sd[key].shape)
+        if want == got:
+            continue
+        if key == first_key and len(got) == 4 and (got[0],) + got[2:] == (want[0],) + want[2:]:
+            continue  # other input channels: adapted below
+        if (key == "pos_embed" and len(got) == 3 and got[::2] == want[::2]
+                and int(round((got[1] - 1) ** 0.5)) ** 2 == got[1] - 1):
+            continue  # other square grid: resampled below
+        shapes.append(f"{key}: file {got} vs model {want}")
+    if missing or unexpected or shapes:
+        arch_desc = f"{arch} (in_channels={in_channels}" + (
+            f", img_size={img_size})" if family == "vit" else ")")
+        raise StateDictMismatchError(_mismatch_message(
+            f"{path}: checkpoint does not match {arch_desc}; the file looks like: "
+            f"{keymaps.describe(sd)}.", missing, unexpected, shapes))
+
+    sd = dict(sd)
+    w = sd[first_key]
+    if w.shape[1] != in_channels:
+        if first_layer == "reinit":
+            init = kaiming_fan_out if family == "resnet" else torch_default_init
+            o, _, kh, kw = spec[first_key][3]
+            fresh = init(jax.random.key(seed), (kh, kw, in_channels, o), jnp.float32)
+            sd[first_key] = keymaps.to_torch_layout("conv", np.asarray(fresh))
+        else:
+            sd[first_key] = _first_layer_from_file(w, in_channels)
+        log.info("%s: %s has %d input channels, model %d: first layer %s.", path, first_key,
+                 w.shape[1], in_channels, "re-initialised" if first_layer == "reinit"
+                 else "built from the file's mean kernel")
+    if family == "vit" and sd["pos_embed"].shape != spec["pos_embed"][3]:
+        log.info("%s: resampling pos_embed %s -> %s.", path, sd["pos_embed"].shape,
+                 spec["pos_embed"][3])
+        sd["pos_embed"] = resample_pos_embed(
+            np.asarray(sd["pos_embed"], np.float32), (model.grid_size, model.grid_size),
+            antialias=pos_embed_antialias)
+    variables = jax.tree.map(jnp.asarray, keymaps.torch_to_flax(sd, spec))
+    return model, variables
+
+
+def _check_variables(model: Any, variables: Any) -> dict:
+    """Torch spec of `model`; raises if `variables` do not have exactly its names and shapes."""
+    want = keymaps.torch_spec(abstract_variables(model))
+    try:
+        have = keymaps.torch_spec(variables)
+    except ValueError as e:
+        raise StateDictMismatchError(f"variables do not belong to {model.arch}: {e}") from None
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    shapes = [f"{k}: variables {have[k][3]} vs model {want[k][3]}"
+              for k in sorted(set(want) & set(have)) if have[k][3] != want[k][3]]
+    if missing or unexpected or shapes:
+        raise StateDictMismatchError(_mismatch_message(
+            f"variables do not match {model.arch} (in_channels={model.in_channels}); pass the "
+            f"backbone's variables ({{'params': ..., 'batch_stats': ...}}), not the whole "
+            f"train state.", missing, unexpected, shapes))
+    return want
+
+
+def export_torch(model: Any, variables: Any, out_path: str | os.PathLike,
+                 format: str = "timm", *, band_order: list[str] | None = None,
+                 normalization: Any = None, img_size: int | None = None) -> dict:
+    """Writes the backbone as a PyTorch state dict plus a JSON sidecar.
+
+    Args:
+      model, variables: a backbone from `build_backbone` / `import_torch` and its
+        `{'params', 'batch_stats'}` variables.
+      out_path: `.safetensors` (or `.pth`, which needs torch).
+      format: 'timm' (timm names; ResNet names equal torchvision's), 'torchvision'
+        (ResNet only, standard widths; load into `torchvision.models.resnet*`) or 'dinov2'
+        (ViT only, DINOv2-native names, i.e. timm's plus a zero `mask_token`).
+      band_order: input band names, recorded in the sidecar (length must be in_channels).
+      normalization: JSON-serialisable description of the input normalisation (sidecar).
+      img_size: training image size for the sidecar; defaults to the ViT's img_size
+        (None for a ResNet unless given).
+
+    Returns the sidecar dict, also written to `<out_path without suffix>.json`:
+    `format, timm_name, timm_kwargs, in_chans, img_size, band_order, normalization,
+    num_features` (+ `torchvision_name` / `dinov2_hub`), such that
+    `timm.create_model(timm_name, num_classes=0, **timm_kwargs)` loads the 'timm' file with
+    strict=True.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"export format {format!r}; expected one of {FORMATS}.")
+    family = _family(model)
+    if format == "torchvision" and (family != "resnet" or tuple(model.widths) != DEFAULT_WIDTHS):
+        raise ValueError(f"format='torchvision' needs a ResNet with widths {DEFAULT_WIDTHS}; "
+                         f"got {model.arch}. Use format='timm'.")
+    if format == "dinov2" and family != "vit":
+        raise ValueError(f"format='dinov2' needs a ViT; got {model.arch}. Use 'timm'.")
+    if band_order is not None and len(band_order) != model.in_channels:
+        raise ValueError(f"band_order has {len(band_order)} names but the model has "
+                         f"{model.in_channels} input channels.")
+    _check_variables(model, variables)
+
+    state_dict = keymaps.flax_to_torch(variables)
+    if format == "dinov2":
+        state_dict["mask_token"] = np.zeros((1, model.embed_dim), np.float32)
+    write_state_dict(state_dict, out_path)
+
+    if img_size is None and family == "vit":
+        img_size = int(model.img_size)
+    sidecar: dict[str, Any] = {
+        "format": format,
+        "timm_name": model.arch,
+        "timm_kwargs": model.timm_kwargs(),
+        "in_chans": int(model.in_channels),
+        "img_size": img_size,
+        "band_order": list(band_order) if band_order is not None else None,
+        "normalization": normalization,
+        "num_features": int(model.num_features),
+    }
+    if format == "torchvision":
+        sidecar["torchvision_name"] = model.arch
+        if tuple(model.stage_sizes) != tuple(models.ARCH_DEFAULTS[model.arch]["stage_sizes"]):
+            sidecar["torchvision_layers"] = [int(s) for s in model.stage_sizes]
+    if format == "dinov2":
+        kw = sidecar["timm_kwargs"]
+        if set(kw) <= {"in_chans", "img_size"} and model.arch in _DINOV2_HUB:
+            sidecar["dinov2_hub"] = {"model": _DINOV2_HUB[model.arch],
+                                     "kwargs": {"img_size": kw["img_size"],
+                                                "in_chans": kw["in_chans"],
+                                                "init_values": 1e-5, "block_chunks": 0}}
+    sidecar_path = Path(out_path).with_suffix(".json")
+    sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
+    return sidecar
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_apply(model: Any, variables: dict, x: jax.Array) -> jax.Array:
+    return model.apply(variables, x, train=False).astype(jnp.float32)
+
+
+def backbone_features(model: Any, variables: Any, x: Any) -> jax.Array:
+    """Eval-mode features of NHWC float32 `x`: (B, num_features) float32.
+
+    ResNet: global-average-pooled; ViT: CLS token after the final norm -- what timm's model
+    returns with num_classes=0 on the NCHW transpose of `x`.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    used = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
+    return _eval_apply(model, used, x)
+
+
+__all__ = ["FORMATS", "StateDictMismatchError", "abstract_variables", "backbone_features",
+           "export_torch", "import_torch", "read_state_dict", "resample_pos_embed",
+           "write_state_dict"]
