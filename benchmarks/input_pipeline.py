@@ -150,7 +150,8 @@ def main() -> None:
     print(f"\nInput pipeline: {a.records} records of 4 x 13 x {a.image_size}^2 uint16 -> "
           f"two {a.view_size}x{a.view_size}x13 float32 views; batch {a.batch_size}, "
           f"median of {a.repeats} x {a.batches} batches.")
-    print(f"Command: `{cmd}`; machine: {machine}.\n")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"Command: `{cmd}`; machine: {machine}; load average during run: {load}.\n")
     print("| pipeline | worker processes | records/s | records/s per worker "
           "| MB/s per worker | vs baseline (per worker) |")
     print("|---|---|---|---|---|---|")

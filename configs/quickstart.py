@@ -41,7 +41,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.backbone = "vit_small_patch14_dinov2"
     c.model.backbone_kwargs = ml_collections.ConfigDict(dict(
         img_size=c.data.image_size, patch_size=8 if not test else 4,
-        embed_dim=32 if test else 64, depth=2, num_heads=2))
+        embed_dim=32 if test else 64, depth=2, num_heads=2,
+        # From scratch, DINOv2's LayerScale init (1e-5) leaves the CLS token blind to the
+        # input for many steps; 0.1 (as CaiT for shallow models) trains at once.
+        init_values=0.1))
     c.model.dtype = "float32"
     c.model.batch_norm = "sync"  # or "per_device" (shuffle-BN-like)
     c.model.mask_ratio = 0.0     # Siamese masking of student patch tokens (ViT only)

@@ -6,8 +6,10 @@
 Reference recipe (REFERENCE §2): MoCo-v2 key encoder with m = 0.999, 3 subspaces with
 Linear-ReLU-Linear heads (hidden 512 for RN18, 2048 for RN50) to 128-d, a 16384-key queue
 per subspace, temperature 0.07, SGD lr 0.03 momentum 0.9 wd 1e-4, batch 256, 200 epochs with
-the learning rate divided by 10 at epochs 120 and 160. The reference used RGB; here the
-input is the 12 released bands (B1..B12 without B10), which the heads do not care about.
+the learning rate divided by 10 at epochs 120 and 160, and RGB input (B4, B3, B2) scaled by
+SeCo's fixed quantiles. For all 12 bands use `--config.data.bands=None
+--config.data.in_channels=12 --config.data.stats=dataset` (quantiles measured on the data:
+our extension, not a reference value).
 """
 
 import ml_collections
@@ -39,8 +41,10 @@ def get_config(arg: str = "rn18") -> ml_collections.ConfigDict:
     c.data.path = "gs://YOUR_BUCKET/seco_100k"
     c.data.views = "seco"
     c.data.image_size = 224
-    c.data.in_channels = 12
+    c.data.bands = ("B4", "B3", "B2")
+    c.data.in_channels = 3
     c.data.normalization = "seco_quantile"
+    c.data.stats = "seco"
     c.data.num_workers = 16
 
     c.model = ml_collections.ConfigDict()

@@ -54,7 +54,7 @@ def to_grid(arr: np.ndarray, size: int, dtype: np.dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     if arr.shape == (size, size):
         return arr.astype(dtype, copy=False)
-    out = resize_bilinear(arr[None].astype(np.float32), (size, size))[0]
+    out = resize_bilinear(arr[:, :, None].astype(np.float32), (size, size))[:, :, 0]
     if dtype.kind in "ui":
         info = np.iinfo(dtype)
         out = np.clip(np.rint(out), info.min, info.max)

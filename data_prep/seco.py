@@ -42,7 +42,7 @@ def make_example(item: tuple, *, root: str, size: int, timesteps: int) -> dict:
 
 def convert(root: str, out: str, *, num_shards: int, image_size: int | None = None,
             timesteps: int = TIMESTEPS, num_workers: int = 0, resume: bool = False,
-            skip_bad: bool = False) -> dict:
+            skip_bad: bool = False, compression: str = "uncompressed") -> dict:
     """Converts the SeCo tree; returns the written metadata."""
     if not os.path.isdir(root):
         raise BadInputError(root, "SeCo root folder does not exist")
@@ -75,11 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timesteps", type=int, default=TIMESTEPS)
     shards.add_common_args(p)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        force=True)
     try:
         meta = convert(a.root, a.out, num_shards=a.num_shards, image_size=a.image_size,
                        timesteps=a.timesteps, num_workers=a.num_workers, resume=a.resume,
-                       skip_bad=a.skip_bad)
+                       skip_bad=a.skip_bad, compression=a.compression)
     except BadInputError as e:
         raise SystemExit(f"error: {e}") from None
     print(shards.summary(meta, a.out))

@@ -92,6 +92,7 @@ class _Task:
     make_example: Callable[[Any], dict]
     skip_bad: bool
     fingerprint: str
+    options: str = "group_size:1,uncompressed"
 
 
 _PROGRESS: Any = None  # queue in worker processes, tqdm callback in-process
@@ -100,7 +101,8 @@ _PROGRESS: Any = None  # queue in worker processes, tqdm callback in-process
 def _init_worker(progress_queue: Any) -> None:
     global _PROGRESS
     _PROGRESS = progress_queue.put
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        force=True)
 
 
 def _write_shard(task: _Task, progress: Callable[[int], None] | None = None) -> dict:
@@ -112,7 +114,7 @@ def _write_shard(task: _Task, progress: Callable[[int], None] | None = None) -> 
     tmp = f"{final}.tmp-{os.getpid()}"
     skipped = []
     count = 0
-    writer = ArrayRecordWriter(tmp, "group_size:1")
+    writer = ArrayRecordWriter(tmp, task.options)
     try:
         for item in task.items:
             try:
@@ -167,6 +169,7 @@ def write_shards(
     resume: bool = False,
     skip_bad: bool = False,
     pre_skipped: Sequence[dict] = (),
+    compression: str = "uncompressed",
     desc: str = "records",
 ) -> dict:
     """Writes ``make_example(item)`` for every item into ArrayRecord shards.
@@ -176,6 +179,9 @@ def write_shards(
     listed in the metadata (``num_skipped``, ``skipped``), otherwise the error
     propagates and no metadata is written. With ``num_workers > 0`` it must be
     picklable (a module-level function or ``functools.partial`` of one).
+    ``compression`` is an ArrayRecord option (``uncompressed``, ``zstd:3``,
+    ``snappy``...): uncompressed reads about 3x faster, zstd saves ~30 % disk.
+    Records are always written with ``group_size:1`` (fast random access).
     ``pre_skipped`` lists inputs the caller already skipped (same dict form:
     item, path, reason) so the summary counts them too. ``metadata`` (dataset,
     modality, bands, dtype, timesteps, image_size, ...) is merged into the
@@ -194,13 +200,15 @@ def write_shards(
         if ".tmp-" in f:  # leftovers of an interrupted run
             os.remove(os.path.join(out_dir, f))
 
-    base = _fingerprint(FORMAT_VERSION, records.SCHEMA_VERSION, name, num_shards, metadata)
+    options = f"group_size:1,{compression}"
+    base = _fingerprint(FORMAT_VERSION, records.SCHEMA_VERSION, name, num_shards, metadata,
+                        options)
     tasks = []
     for i, idx in enumerate(assign_shards(len(items), num_shards)):
         shard_items = [items[j] for j in idx]
         tasks.append(
             _Task(out_dir, shard_filename(name, i, num_shards), shard_items, make_example,
-                  skip_bad, _fingerprint(base, [repr(x) for x in shard_items]))
+                  skip_bad, _fingerprint(base, [repr(x) for x in shard_items]), options)
         )
 
     markers: dict[str, dict] = {}
@@ -249,6 +257,7 @@ def write_shards(
         record_schema_version=records.SCHEMA_VERSION,
         num_records=sum(m["num_records"] for m in ordered),
         num_shards=num_shards,
+        array_record_options=options,
         shards=[t.filename for t in tasks],
         shard_num_records=[m["num_records"] for m in ordered],
         num_skipped=len(skipped),
@@ -286,6 +295,9 @@ def add_common_args(parser: Any) -> None:
     parser.add_argument("--num-shards", type=int, default=16, help="number of ArrayRecord shards")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="writer processes (0 = write in this process)")
+    parser.add_argument("--compression", default="uncompressed",
+                        help="ArrayRecord compression: uncompressed (fastest reads), zstd:3 "
+                             "(~30%% smaller), snappy, brotli:N")
     parser.add_argument("--resume", action="store_true",
                         help="keep shards that a previous run with the same inputs finished")
     parser.add_argument("--skip-bad", action="store_true",

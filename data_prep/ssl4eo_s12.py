@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import pickle
+import re
 
 import numpy as np
 
@@ -82,6 +83,39 @@ def check_label_entries(labels: dict, tree: dict[str, list[str]], labels_path: s
     return usable, skipped
 
 
+def _date_key(season: str) -> tuple[str, str]:
+    m = re.search(r"\d{8}T\d{6}", season)
+    return (m.group(0) if m else "", season)
+
+
+def match_labels_by_order(labels: dict, tree: dict[str, list[str]], labels_path: str,
+                          skip_bad: bool) -> tuple[dict, list[dict]]:
+    """Re-keys each location's label seasons onto its folders by acquisition order.
+
+    For S1 (or S2 L2A products whose ids differ from the labelled L1C ones):
+    the k-th labelled season by date is given to the k-th season folder by date
+    (dates are the first ``YYYYMMDDTHHMMSS`` in the name). Locations whose
+    season counts differ are rejected, or skipped with ``skip_bad``.
+    """
+    out, skipped = {}, []
+    for loc, entries in labels.items():
+        if loc not in tree:
+            out[loc] = entries  # reported as unknown by check_label_entries
+            continue
+        src = sorted(entries, key=_date_key)
+        dst = sorted(tree[loc], key=_date_key)
+        if len(src) != len(dst):
+            reason = (f"label entry {loc} has {len(src)} seasons but the location has "
+                      f"{len(dst)} season folders; cannot match by order")
+            if not skip_bad:
+                raise BadInputError(labels_path, reason)
+            log.warning("skipping %s: %s", labels_path, reason)
+            skipped.append({"item": loc, "path": labels_path, "reason": reason})
+            continue
+        out[loc] = {d: entries[s] for s, d in zip(src, dst)}
+    return out, skipped
+
+
 def multi_hot(entry: list, where: str) -> np.ndarray:
     """Multi-hot (9,) uint8 from ["0", "4", ...]; BadInputError for bad classes."""
     out = np.zeros(NUM_CLASSES, np.uint8)
@@ -128,9 +162,15 @@ def scan_tree(loc_root: str) -> dict[str, list[str]]:
 
 
 def convert_tree(root: str, modality: str, out: str, *, num_shards: int, labels: str | None = None,
-                 image_size: int | None = None, num_workers: int = 0, resume: bool = False,
-                 skip_bad: bool = False) -> dict:
-    """Converts the GeoTIFF tree; returns the written metadata."""
+                 match_labels: str = "name", image_size: int | None = None,
+                 num_workers: int = 0, resume: bool = False, skip_bad: bool = False,
+                 compression: str = "uncompressed") -> dict:
+    """Converts the GeoTIFF tree; returns the written metadata.
+
+    ``match_labels``: 'name' (label season keys are folder names) or 'order'
+    (k-th labelled season by date -> k-th folder by date, see
+    ``match_labels_by_order``).
+    """
     bands = BANDS[modality]
     loc_root = os.path.join(root, modality)
     tree = scan_tree(loc_root)
@@ -139,8 +179,13 @@ def convert_tree(root: str, modality: str, out: str, *, num_shards: int, labels:
     label_skips: list[dict] = []
     label_map: dict = {}
     if labels:
-        label_map, label_skips = check_label_entries(load_labels(labels), tree, labels,
-                                                     loc_root, skip_bad)
+        label_map = load_labels(labels)
+        if match_labels == "order":
+            label_map, label_skips = match_labels_by_order(label_map, tree, labels, skip_bad)
+        elif match_labels != "name":
+            raise ValueError(f"match_labels={match_labels!r}: expected 'name' or 'order'")
+        label_map, more = check_label_entries(label_map, tree, labels, loc_root, skip_bad)
+        label_skips += more
     if image_size is None:
         first = next(((loc, s) for loc, ss in tree.items() for s in ss), None)
         if first is None:
@@ -156,10 +201,12 @@ def convert_tree(root: str, modality: str, out: str, *, num_shards: int, labels:
         "num_classes": NUM_CLASSES, "has_labels": bool(labels),
         "source": os.path.abspath(loc_root),
         "labels_file": os.path.abspath(labels) if labels else None,
+        "labels_matched_by": match_labels if labels else None,
     }
     return shards.write_shards(out, items, fn, name=f"ssl4eo_s12_{modality}",
                                num_shards=num_shards, metadata=metadata,
                                num_workers=num_workers, resume=resume, skip_bad=skip_bad,
+                               compression=compression,
                                pre_skipped=label_skips, desc=f"ssl4eo_s12 {modality}")
 
 
@@ -218,7 +265,7 @@ def make_lmdb_example(key: str, *, path: str, bands: list[str], dtype: str) -> d
 
 def convert_lmdb(path: str, modality: str, out: str, *, num_shards: int,
                  dtype: str | None = None, num_workers: int = 0, resume: bool = False,
-                 skip_bad: bool = False) -> dict:
+                 skip_bad: bool = False, compression: str = "uncompressed") -> dict:
     """Converts the official LMDB form (trusted files only, see LMDB_WARNING)."""
     log.warning(LMDB_WARNING)
     if not os.path.exists(path):
@@ -243,6 +290,7 @@ def convert_lmdb(path: str, modality: str, out: str, *, num_shards: int,
     return shards.write_shards(out, keys, fn, name=f"ssl4eo_s12_{modality}",
                                num_shards=num_shards, metadata=metadata,
                                num_workers=num_workers, resume=resume, skip_bad=skip_bad,
+                               compression=compression,
                                desc=f"ssl4eo_s12 lmdb {modality}")
 
 
@@ -258,25 +306,30 @@ def main(argv: list[str] | None = None) -> None:
                                     "pickles (see the warning below)")
     p.add_argument("--modality", required=True, choices=sorted(BANDS))
     p.add_argument("--labels", help="ssl4eo_multilabel.json (SSL4EO-S12-ML); GeoTIFF tree only")
+    p.add_argument("--match-labels", choices=["name", "order"], default="name",
+                   help="join label seasons to season folders by exact name (S2 L1C, the "
+                        "labelled products) or by acquisition-date order (S1, S2 L2A)")
     p.add_argument("--image-size", type=int, default=None,
                    help="10 m grid size in px (default: read from the first 10 m band)")
     p.add_argument("--lmdb-dtype", default=None,
                    help="array dtype in the LMDB (default uint16 for S2, float32 for S1)")
     shards.add_common_args(p)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        force=True)
     if a.lmdb and a.labels:
         p.error("--labels can only be joined with --root (the LMDB form has no season names)")
     try:
         if a.lmdb:
             meta = convert_lmdb(a.lmdb, a.modality, a.out, num_shards=a.num_shards,
                                 dtype=a.lmdb_dtype, num_workers=a.num_workers,
-                                resume=a.resume, skip_bad=a.skip_bad)
+                                resume=a.resume, skip_bad=a.skip_bad, compression=a.compression)
         else:
             meta = convert_tree(a.root, a.modality, a.out, num_shards=a.num_shards,
-                                labels=a.labels, image_size=a.image_size,
+                                labels=a.labels, match_labels=a.match_labels,
+                                image_size=a.image_size,
                                 num_workers=a.num_workers, resume=a.resume,
-                                skip_bad=a.skip_bad)
+                                skip_bad=a.skip_bad, compression=a.compression)
     except BadInputError as e:
         raise SystemExit(f"error: {e}") from None
     print(shards.summary(meta, a.out))

@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        force=True)
     meta = write_dataset(a.out, num_locations=a.num_locations, num_shards=a.num_shards,
                          image_size=a.image_size, bands=a.bands, timesteps=a.timesteps,
                          seed=a.seed, num_workers=a.num_workers)

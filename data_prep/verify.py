@@ -104,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", help="dataset directory (holding metadata.json)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    r = verify(a.dir, progress=not a.no_progress)
+    try:
+        r = verify(a.dir, progress=not a.no_progress)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{a.dir}: {r['num_records']} records in {r['num_shards']} shards, "
           f"{r['num_labelled_seasons']}/{r['num_seasons']} seasons labelled, "
           f"{r['num_skipped']} inputs skipped at conversion, {r['num_bad']} bad")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import jax
@@ -29,7 +30,9 @@ def _explicit_coordinator() -> dict | None:
 def _on_cloud_tpu_vm() -> bool:
     # TPU VMs expose the chips as /dev/accel* (v2-v4) or /dev/vfio (v5+). JAX finds the
     # slice's other hosts from the metadata server, so initialize() needs no arguments.
-    return os.path.exists("/dev/accel0") or os.path.isdir("/dev/vfio")
+    # libtpu (installed by jax[tpu]) guards against other machines that have /dev/vfio.
+    has_chips = os.path.exists("/dev/accel0") or os.path.isdir("/dev/vfio")
+    return has_chips and importlib.util.find_spec("libtpu") is not None
 
 
 def _needs_auto_initialize() -> bool:

@@ -62,15 +62,15 @@ def create_train_state(config, method, tx, mesh):
 
 # ==== Train step ==========================================================================
 
-def _microbatches(x, num: int):
+def _microbatches(x, num: int, mesh):
     """(B, ...) -> (num, B/num, ...) with strided rows, so each device keeps its share."""
     x = x.reshape((x.shape[0] // num, num) + x.shape[1:])
     x = jnp.swapaxes(x, 0, 1)
-    return jax.lax.with_sharding_constraint(
-        x, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)))
 
 
-def make_train_step(config, method, tx, schedule):
+def make_train_step(config, method, tx, schedule, mesh):
     """Returns `train_step(state, batch) -> (state, metrics)`; the caller jits it."""
     accum = int(config.get("grad_accum_steps", 1))
     base_key = jax.random.key(config.seed)
@@ -91,7 +91,7 @@ def make_train_step(config, method, tx, schedule):
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
             return (grads_sum, model_state, i + 1), (loss, metrics)
 
-        micro = jax.tree.map(lambda x: _microbatches(x, accum), batch)
+        micro = jax.tree.map(lambda x: _microbatches(x, accum, mesh), batch)
         zeros = jax.tree.map(jnp.zeros_like, params)
         (grads, model_state, _), (loss, metrics) = jax.lax.scan(
             body, (zeros, model_state, 0), micro)
@@ -123,7 +123,7 @@ def make_train_step(config, method, tx, schedule):
 
 def jit_train_step(config, method, tx, schedule, mesh, state_shardings):
     """Sharded, donated train step: state keeps its layout, the batch is split over devices."""
-    return jax.jit(make_train_step(config, method, tx, schedule),
+    return jax.jit(make_train_step(config, method, tx, schedule, mesh),
                    in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(state_shardings, sharding.replicated(mesh)),
                    donate_argnums=(0,))

@@ -185,17 +185,17 @@ def test_to_global_arrays_builds_sharded_batch(syn_dir):
 
 def _bilinear_reference(x, size):
     """float64 bilinear with pixel-centre alignment and edge clamp (independent)."""
-    c, h, w = x.shape
-    ys = np.maximum((np.arange(size[0]) + 0.5) * h / size[0] - 0.5, 0)
-    xs = np.maximum((np.arange(size[1]) + 0.5) * w / size[1] - 0.5, 0)
+    h, w, _ = x.shape
+    ys = (np.arange(size[0]) + 0.5) * h / size[0] - 0.5
+    xs = (np.arange(size[1]) + 0.5) * w / size[1] - 0.5
     yy, xx = np.meshgrid(ys, xs, indexing="ij")
-    return np.stack([ndimage.map_coordinates(b.astype(np.float64), [yy, xx], order=1,
-                                             mode="nearest") for b in x])
+    return np.stack([ndimage.map_coordinates(x[..., c].astype(np.float64), [yy, xx], order=1,
+                                             mode="nearest") for c in range(x.shape[-1])], -1)
 
 
 @pytest.mark.parametrize("src,dst", [((9, 7), (16, 12)), ((30, 24), (8, 8)), ((5, 5), (5, 5))])
 def test_resize_bilinear_matches_reference(src, dst):
-    x = np.random.default_rng(0).random((3, *src)).astype(np.float32)
+    x = np.random.default_rng(0).random((*src, 3)).astype(np.float32)
     np.testing.assert_allclose(augment.resize_bilinear(x, dst), _bilinear_reference(x, dst),
                                atol=1e-5)
 
@@ -210,44 +210,60 @@ def test_crop_boxes_respect_bounds_scale_and_ratio():
 
 def test_color_ops_for_any_band_count():
     rng = np.random.default_rng(0)
-    x = rng.random((7, 10, 10)).astype(np.float32)
+    x = rng.random((10, 10, 7)).astype(np.float32)
     g = augment.grayscale(x)
-    np.testing.assert_allclose(g, np.broadcast_to(x.mean(0), x.shape), rtol=1e-6)
+    np.testing.assert_allclose(g, np.broadcast_to(x.mean(-1, keepdims=True), x.shape), rtol=1e-6)
     j = augment.color_jitter(x, rng, 0.4, 0.4, True, (np.zeros(7), np.ones(7)))
     assert j.shape == x.shape and j.min() >= 0 and j.max() <= 1 and not np.allclose(j, x)
-    const = np.full((7, 10, 10), 0.3, np.float32)
+    # Per band, without clamping, jitter is an affine map with factors in range.
+    j = augment.color_jitter(x, np.random.default_rng(1), 0.4, 0.0, True, None)
+    ratio = (j / x).reshape(-1, 7)
+    assert np.allclose(ratio, ratio[0]) and np.all((ratio[0] >= 0.6) & (ratio[0] <= 1.4))
+    assert len(np.unique(ratio[0].round(5))) == 7  # independent factor per band
+    const = np.full((10, 10, 7), 0.3, np.float32)
     np.testing.assert_allclose(augment.gaussian_blur(const, 1.5), const, rtol=1e-6)
     blurred = augment.gaussian_blur(x, 1.5)
-    assert blurred.std() < x.std()
-    np.testing.assert_array_equal(augment.hflip(x)[:, :, 0], x[:, :, -1])
+    ref = ndimage.gaussian_filter(x.astype(np.float64), (1.5, 1.5, 0), mode="reflect",
+                                  truncate=3.0)
+    np.testing.assert_allclose(blurred, ref, atol=1e-5)
+    np.testing.assert_array_equal(augment.hflip(x)[:, 0], x[:, -1])
 
 
 # ----------------------------------------------------------------------------- normalisation
 
 def test_normalization_presets_match_formulas():
-    x = np.random.default_rng(0).uniform(0, 8000, (13, 4, 4)).astype(np.float32)
-    m, s = S2C_MEAN[:, None, None], S2C_STD[:, None, None]
+    x = np.random.default_rng(0).uniform(0, 8000, (4, 4, 13)).astype(np.float32)
+    m, s = S2C_MEAN, S2C_STD
     soft = normalize.make_normalizer("softcon", "s2c", normalize.S2C_BANDS)(x)
     np.testing.assert_allclose(soft, np.clip((x - (m - 2 * s)) / (4 * s), 0, 1), atol=1e-6)
     z = normalize.make_normalizer("zscore", "s2c", normalize.S2C_BANDS)(x)
     np.testing.assert_allclose(z, (x - m) / s, rtol=1e-5, atol=1e-5)
 
-    rgb = np.random.default_rng(1).integers(0, 255, (3, 4, 4)).astype(np.uint8)
+    rgb = np.random.default_rng(1).integers(0, 255, (4, 4, 3)).astype(np.uint8)
     q = normalize.make_normalizer("seco_quantile", "seco", ["B4", "B3", "B2"])(rgb)
     lo, hi = np.array([0, 2, 3.0]), np.array([129, 103, 88.0])
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    ref = np.clip((rgb - lo[:, None, None]) / (hi - lo)[:, None, None], 0, 1)
-    np.testing.assert_allclose(q, (ref - mean[:, None, None]) / std[:, None, None], atol=1e-5)
+    ref = np.clip((rgb - lo) / (hi - lo), 0, 1)
+    np.testing.assert_allclose(q, (ref - mean) / std, atol=1e-5)
 
-    s1 = np.random.default_rng(2).normal(-15, 6, (2, 20, 20)).astype(np.float32)
+    s1 = np.random.default_rng(2).normal(-15, 6, (2, 20, 20)).astype(np.float32)  # (C, H, W)
     n1 = normalize.make_normalizer("softcon", "s1", ["VV", "VH"])
     bounds = n1.quantile_bounds(s1)
     np.testing.assert_allclose(bounds, np.percentile(s1.reshape(2, -1), [1, 99], axis=1).T,
                                rtol=1e-5)
     m1, s1d = np.array([-12.548, -20.192]), np.array([5.257, 5.912])
-    clipped = np.clip(s1, bounds[:, :1, None], bounds[:, 1:, None])
-    ref = np.clip((clipped - (m1 - 2 * s1d)[:, None, None]) / (4 * s1d)[:, None, None], 0, 1)
-    np.testing.assert_allclose(n1(s1, bounds), ref, atol=1e-5)
+    hwc = s1.transpose(1, 2, 0)
+    clipped = np.clip(hwc, bounds[:, 0], bounds[:, 1])
+    ref = np.clip((clipped - (m1 - 2 * s1d)) / (4 * s1d), 0, 1)
+    np.testing.assert_allclose(n1(hwc, bounds), ref, atol=1e-5)
+
+
+def test_measured_dataset_stats_for_bands_without_reference_values(syn_dir):
+    cfg = _cfg(syn_dir, views="seco", normalization="seco_quantile", stats="dataset")
+    b = next(iter(data.build_dataset(cfg, global_batch_size=4, seed=0)))
+    q = b["q"]  # crop-only view: quantile scaling alone
+    assert q.min() >= 0.0 and q.max() <= 1.0
+    assert np.all((q.mean(axis=(0, 1, 2)) > 0.1) & (q.mean(axis=(0, 1, 2)) < 0.9))
 
 
 def test_unknown_band_stats_error_names_config_key():

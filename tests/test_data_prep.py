@@ -40,7 +40,7 @@ def _band(rng, band, dtype):
     return rng.integers(0, high, (n, n)).astype(dtype)
 
 
-def make_ssl4eo_tree(root, modality="s2c", n_loc=3, seed=0):
+def make_ssl4eo_tree(root, modality="s2c", n_loc=3, seed=0, prefix="", write_labels=True):
     """root/<modality>/<loc>/<season>/<band>.tif; returns the label dict used."""
     rng = np.random.default_rng(seed)
     bands, dtype = ssl4eo_s12.BANDS[modality], ssl4eo_s12.DTYPE[modality]
@@ -49,15 +49,17 @@ def make_ssl4eo_tree(root, modality="s2c", n_loc=3, seed=0):
         loc = f"{i:07d}"
         labels[loc] = {}
         for t in range(4):
-            season = f"2020{3 * t + 1:02d}15T101021_2020{3 * t + 1:02d}15T101047_T32UQD"
+            # prefix mimics S1 product ids, whose sensor tag (S1A/S1B) breaks name order.
+            tag = f"S1{'AB'[t % 2]}_IW_GRDH_1SDV_" if prefix else ""
+            season = f"{tag}2020{3 * t + 1:02d}15T101021_2020{3 * t + 1:02d}15T101047_T32UQD"
             for b in bands:
                 _write_tif(os.path.join(root, modality, loc, season, f"{b}.tif"),
                            _band(rng, b, dtype))
             labels[loc][season] = [] if (i, t) == (1, 2) else [str(k) for k in
                                                                   sorted({t, (i + t) % 9})]
-    path = os.path.join(root, "ssl4eo_multilabel.json")
-    with open(path, "w") as f:
-        json.dump(labels, f)
+    if write_labels:
+        with open(os.path.join(root, "ssl4eo_multilabel.json"), "w") as f:
+            json.dump(labels, f)
     return labels
 
 
@@ -122,6 +124,24 @@ def test_ssl4eo_tree_matches_rasterio_and_labels(tmp_path, modality):
             assert ex["has_label"][t] == bool(entry)
             assert sorted(np.flatnonzero(ex["labels"][t]).tolist()) == sorted(map(int, entry))
     assert not exs[1]["has_label"][2] and not exs[1]["labels"][2].any()  # empty list
+
+
+def test_s1_labels_join_by_acquisition_order(tmp_path):
+    root = str(tmp_path / "src")
+    labels = make_ssl4eo_tree(root, "s2c", n_loc=2)  # labels keyed by S2 product ids
+    make_ssl4eo_tree(root, "s1", n_loc=2, prefix="s1", write_labels=False)
+    lab = os.path.join(root, "ssl4eo_multilabel.json")
+    with pytest.raises(BadInputError, match="unknown season"):
+        ssl4eo_s12.convert_tree(root, "s1", str(tmp_path / "out"), num_shards=1, labels=lab)
+    ssl4eo_s12.convert_tree(root, "s1", str(tmp_path / "out"), num_shards=1, labels=lab,
+                            match_labels="order")
+    _, exs = read_all(str(tmp_path / "out"))
+    for ex in exs:
+        s2_seasons = sorted(labels[ex["location"]])  # S2 names sort by date
+        by_date = sorted(range(4), key=lambda t: ex["seasons"][t].split("1SDV_")[1])
+        for k, t in enumerate(by_date):
+            entry = labels[ex["location"]][s2_seasons[k]]
+            assert sorted(np.flatnonzero(ex["labels"][t]).tolist()) == sorted(map(int, entry))
 
 
 def test_seco_tree_reads_timestamp_folders_only(tmp_path):

@@ -1,4 +1,4 @@
-"""Multispectral augmentations on whole (C, H, W) float32 arrays, any band count.
+"""Multispectral augmentations on whole (H, W, C) float32 arrays, any band count.
 
 Vectorised NumPy / SciPy re-implementations of the torchvision transforms the
 reference methods use, generalised from RGB to C bands:
@@ -75,55 +75,83 @@ def _bilinear_coords(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of (C, H, W) to (C, *size), float32, torch coordinates."""
+    """Bilinear resize of (H, W, C) to (*size, C), float32, torch coordinates.
+
+    Channels-last so both gathers move contiguous blocks (rows, then pixels).
+    """
     x = np.asarray(x, np.float32)
-    y0, y1, wy = _bilinear_coords(x.shape[1], size[0])
-    x0, x1, wx = _bilinear_coords(x.shape[2], size[1])
-    wy = wy[:, None]
-    rows = x[:, y0, :] * (1 - wy) + x[:, y1, :] * wy  # (C, S0, W)
-    return rows[:, :, x0] * (1 - wx) + rows[:, :, x1] * wx
+    y0, y1, wy = _bilinear_coords(x.shape[0], size[0])
+    x0, x1, wx = _bilinear_coords(x.shape[1], size[1])
+    rows = x[y0]
+    d = x[y1]
+    d -= rows
+    d *= wy[:, None, None]
+    rows += d  # (S0, W, C)
+    out = rows[:, x0]
+    d = rows[:, x1]
+    d -= out
+    d *= wx[None, :, None]
+    out += d
+    return out
 
 
 def hflip(x: np.ndarray) -> np.ndarray:
-    """Horizontal flip of (C, H, W)."""
-    return x[:, :, ::-1]
+    """Horizontal flip of (H, W, C)."""
+    return x[:, ::-1]
+
+
+def _band_means(x: np.ndarray) -> np.ndarray:
+    return x.reshape(-1, x.shape[-1]).sum(axis=0) / (x.shape[0] * x.shape[1])
+
+
+def _clip(x: np.ndarray, value_range) -> np.ndarray:
+    lo, hi = value_range
+    lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+    if lo.size > 1 and np.all(lo == lo.flat[0]) and np.all(hi == hi.flat[0]):
+        lo, hi = lo.flat[0], hi.flat[0]  # scalar clip is much faster
+    return np.clip(x, lo, hi, out=x)
 
 
 def color_jitter(x: np.ndarray, rng: np.random.Generator, brightness: float, contrast: float,
-                 per_band: bool = True,
-                 value_range: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """Brightness then contrast, or the reverse (random), on (C, H, W)."""
-    c = x.shape[0]
+                 per_band: bool = True, value_range: tuple | None = None) -> np.ndarray:
+    """Brightness (scale) and contrast (blend with the mean) in random order, (H, W, C).
+
+    Factors are drawn per band (``per_band``) or shared; the result is clamped
+    to ``value_range`` (per-band or scalar low/high) when given.
+    """
+    c = x.shape[-1]
     n = c if per_band else 1
-    lo, hi = (None, None) if value_range is None else (
-        np.reshape(value_range[0], (-1, 1, 1)), np.reshape(value_range[1], (-1, 1, 1)))
+    x = np.array(x, np.float32)  # private copy, modified in place below
     for op in rng.permutation(2):
         if op == 0 and brightness > 0:
-            f = rng.uniform(max(0.0, 1 - brightness), 1 + brightness, n).astype(np.float32)
-            x = x * f.reshape(-1, 1, 1)
+            x *= rng.uniform(max(0.0, 1 - brightness), 1 + brightness, n).astype(np.float32)
         elif op == 1 and contrast > 0:
             f = rng.uniform(max(0.0, 1 - contrast), 1 + contrast, n).astype(np.float32)
-            mean = x.mean(axis=(1, 2), keepdims=True) if per_band else x.mean()
-            x = (x - mean) * f.reshape(-1, 1, 1) + mean
-        if lo is not None:
-            x = np.clip(x, lo, hi)
+            mean = _band_means(x) if per_band else np.float32(x.mean())
+            x *= f
+            x += (1 - f) * mean  # (x - mean) * f + mean
+        if value_range is not None:
+            _clip(x, value_range)
     return x
 
 
 def grayscale(x: np.ndarray) -> np.ndarray:
-    """Every band replaced by the mean over bands."""
-    return np.broadcast_to(x.mean(axis=0, keepdims=True), x.shape).copy()
+    """Every band replaced by the mean over bands, (H, W, C)."""
+    return np.repeat(x.mean(axis=-1, keepdims=True, dtype=np.float32), x.shape[-1], axis=-1)
 
 
 def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur over H and W of (C, H, W), reflect borders."""
-    return ndimage.gaussian_filter(x, sigma=(0.0, sigma, sigma), mode="reflect", truncate=3.0)
+    """Separable Gaussian blur over H and W of (H, W, C), reflect borders, 3 sigma."""
+    out = np.empty(x.shape, np.float32)
+    ndimage.gaussian_filter1d(x, sigma, axis=0, mode="reflect", truncate=3.0, output=out)
+    ndimage.gaussian_filter1d(out, sigma, axis=1, mode="reflect", truncate=3.0, output=out)
+    return out
 
 
 def make_view(image: np.ndarray, rng: np.random.Generator, *, size: int, normalizer,
               params: AugmentParams, crop_only: bool = False, blur_prob: float = 0.0,
               quantile_bounds: np.ndarray | None = None) -> np.ndarray:
-    """One view (size, size, C) float32 from a raw (C, H, W) image.
+    """One view (size, size, C) float32 from a raw (C, H, W) record image.
 
     Random resized crop of the raw image, normalisation of the cropped region,
     bilinear resize; then, unless ``crop_only``: jitter, grayscale, blur, flip
@@ -131,8 +159,10 @@ def make_view(image: np.ndarray, rng: np.random.Generator, *, size: int, normali
     """
     _, h, w = image.shape
     top, left, ch, cw = sample_crop_box(rng, h, w, params.crop_scale, params.crop_ratio)
-    # Normalising only the crop is exact (the presets are per pixel) and cheaper.
-    region = normalizer(image[:, top:top + ch, left:left + cw], quantile_bounds)
+    # Normalising only the crop is exact (the presets are per pixel) and cheaper;
+    # the transpose to channels-last happens in the same pass.
+    region = normalizer(image[:, top:top + ch, left:left + cw].transpose(1, 2, 0),
+                        quantile_bounds)
     x = resize_bilinear(region, (size, size))
     if not crop_only:
         if rng.random() < params.jitter_prob:
@@ -144,4 +174,4 @@ def make_view(image: np.ndarray, rng: np.random.Generator, *, size: int, normali
             x = gaussian_blur(x, float(rng.uniform(*params.blur_sigma)))
         if rng.random() < params.hflip_prob:
             x = hflip(x)
-    return np.ascontiguousarray(x.transpose(1, 2, 0))
+    return np.ascontiguousarray(x)

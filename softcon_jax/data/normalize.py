@@ -9,6 +9,10 @@ Every preset is ``y = clip?(x * a + b) * c + d`` per band, float32:
 - ``seco_quantile``: SeCo, ``clip((x - lo) / (hi - lo), 0, 1)`` with the fixed
   SeCo quantiles, then ImageNet mean/std of the matching RGB channel
   (REFERENCE §2). Only B2, B3, B4 have reference quantiles.
+
+``stats='dataset'`` (in ``data_config``) measures the statistics on a sample of
+the dataset instead (``dataset_stats``): our extension for band sets without
+reference values, e.g. all 12 SeCo bands (quantiles 1 %/99 %, output [0, 1]).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ METHODS = ("softcon", "zscore", "seco_quantile")
 
 @dataclasses.dataclass(frozen=True)
 class Normalizer:
-    """Callable ``(C, H, W) array -> float32`` for a fixed band list."""
+    """Callable ``(..., C) channels-last array -> float32`` for a fixed band list."""
 
     a: np.ndarray
     b: np.ndarray
@@ -63,41 +67,75 @@ class Normalizer:
         return self.d, self.c + self.d
 
     def quantile_bounds(self, image: np.ndarray) -> np.ndarray | None:
-        """(C, 2) per-band clip bounds of a whole image (None if not used)."""
+        """(C, 2) per-band clip bounds of a whole (C, H, W) image (None if not used)."""
         if self.image_quantiles is None:
             return None
         flat = image.reshape(image.shape[0], -1).astype(np.float32)
         return np.percentile(flat, self.image_quantiles, axis=1).T
 
     def __call__(self, x: np.ndarray, bounds: np.ndarray | None = None) -> np.ndarray:
-        """Normalises ``x`` (C, ...); ``bounds`` from ``quantile_bounds`` of the full image."""
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        y = x.astype(np.float32)
+        """Normalises ``x`` (..., C) into a new C-contiguous float32 array.
+
+        ``bounds`` (C, 2) come from ``quantile_bounds`` of the whole image.
+        """
+        y = np.empty(x.shape, np.float32)
+        y[...] = x  # one pass: dtype conversion (and layout, for transposed views)
         if bounds is not None:
-            y = np.clip(y, bounds[:, 0].reshape(shape), bounds[:, 1].reshape(shape))
-        y = y * self.a.reshape(shape) + self.b.reshape(shape)
+            np.clip(y, bounds[:, 0], bounds[:, 1], out=y)
+        y *= self.a
+        y += self.b
         if self.clip:
             np.clip(y, 0.0, 1.0, out=y)
-            y = y * self.c.reshape(shape) + self.d.reshape(shape)
+            if np.any(self.c != 1) or np.any(self.d != 0):
+                y *= self.c
+                y += self.d
         return y
 
 
-def make_normalizer(method: str, stats: str, bands: list[str]) -> Normalizer:
+def dataset_stats(images: list[np.ndarray], bands: list[str]) -> dict[str, dict[str, float]]:
+    """Per-band statistics measured on sample images (each (T, C, H, W) or (C, H, W)).
+
+    Gives ``mean``/``std`` and ``lo``/``hi`` = 1 % / 99 % quantiles, with the
+    identity as post-scaling (``seco_quantile`` then maps to [0, 1]). Used for
+    ``data_config.stats='dataset'``, e.g. 12-band SeCo, which has reference
+    quantiles for B2-B4 only.
+    """
+    c = len(bands)
+    flat = np.concatenate([np.moveaxis(np.asarray(im), -3, 0).reshape(c, -1) for im in images],
+                          axis=1).astype(np.float64)
+    mean, std = flat.mean(axis=1), flat.std(axis=1)
+    lo, hi = np.percentile(flat, [1.0, 99.0], axis=1)
+    return {b: {"mean": float(mean[i]), "std": float(max(std[i], 1e-6)),
+                "q_lo": float(lo[i]), "q_hi": float(max(hi[i], lo[i] + 1e-6))}
+            for i, b in enumerate(bands)}
+
+
+def make_normalizer(method: str, stats: str | dict, bands: list[str]) -> Normalizer:
     """Builds the normaliser for ``bands`` (names as in the dataset metadata).
+
+    ``stats`` is a preset name of ``STATS`` or a table from ``dataset_stats``.
 
     Raises ValueError naming ``data_config.normalization`` / ``data_config.stats``
     when the method or a band's statistics are unknown.
     """
     if method not in METHODS:
         raise ValueError(f"data_config.normalization={method!r}: expected one of {METHODS}")
-    if stats not in STATS:
-        raise ValueError(f"data_config.stats={stats!r}: expected one of {sorted(STATS)}")
-    table = STATS[stats]
+    if isinstance(stats, dict):
+        table, stats = stats, "dataset"
+        if method == "seco_quantile":  # measured quantiles, output in [0, 1]
+            table = {b: {"lo": r["q_lo"], "hi": r["q_hi"], "mean": 0.0, "std": 1.0}
+                     for b, r in table.items()}
+    elif stats not in STATS:
+        raise ValueError(f"data_config.stats={stats!r}: expected one of "
+                         f"{sorted(STATS) + ['dataset']}")
+    else:
+        table = STATS[stats]
     missing = [b for b in bands if b not in table]
     if missing:
         raise ValueError(
             f"data_config.stats={stats!r} has no statistics for bands {missing} "
-            f"(it covers {sorted(table)}); select bands with data_config.bands or change the stats"
+            f"(it covers {sorted(table)}); select bands with data_config.bands, or measure "
+            f"them with data_config.stats='dataset'"
         )
     rows = [table[b] for b in bands]
     ones = np.ones(len(bands), np.float32)

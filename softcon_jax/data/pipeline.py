@@ -23,6 +23,7 @@ from typing import Any
 
 import grain
 import ml_collections
+from etils import epath
 import numpy as np
 
 from softcon_jax.data import augment, normalize, records
@@ -49,7 +50,8 @@ def default_config() -> ml_collections.ConfigDict:
         "in_channels": 13,           # must equal the number of (selected) bands
         "bands": None,               # None = all bands of the metadata, or a list of names
         "normalization": "softcon",  # 'softcon' | 'zscore' | 'seco_quantile'
-        "stats": "s2c",              # 's2c' | 's2a' | 's1' | 'seco'
+        "stats": "s2c",              # 's2c' | 's2a' | 's1' | 'seco' | 'dataset' (measured)
+        "stats_sample": 64,          # records read to measure stats='dataset'
         "num_workers": 0,            # worker processes (grain mp_prefetch); 0 = none
         "worker_buffer_size": 2,     # batches buffered per worker
         "read_threads": 2,           # threads per process computing batches
@@ -168,13 +170,12 @@ class SeCoViews(_ViewsBase):
 
 def load_metadata(path: str) -> tuple[dict, str]:
     """(metadata dict, metadata file path) of a converted dataset directory."""
-    meta_path = os.path.join(path, "metadata.json")
-    if not os.path.exists(meta_path):
+    meta_path = epath.Path(path) / "metadata.json"  # local paths or gs://
+    if not meta_path.exists():
         raise FileNotFoundError(
             f"data_config.path={path!r}: {meta_path} not found; convert a dataset with "
             f"python -m data_prep.ssl4eo_s12 / data_prep.seco / data_prep.synthetic")
-    with open(meta_path) as f:
-        return json.load(f), meta_path
+    return json.loads(meta_path.read_text()), str(meta_path)
 
 
 def _select_bands(cfg: Any, meta: dict, meta_path: str) -> tuple[list[str], np.ndarray | None]:
@@ -184,7 +185,8 @@ def _select_bands(cfg: Any, meta: dict, meta_path: str) -> tuple[list[str], np.n
         wanted = [wanted] if isinstance(wanted, str) else list(wanted)
         missing = [b for b in wanted if b not in bands]
         if missing:
-            raise ValueError(f"data_config.bands: {missing} not in the bands {bands} of {meta_path}")
+            raise ValueError(
+                f"data_config.bands: {missing} not in the bands {bands} of {meta_path}")
         index = np.array([bands.index(b) for b in wanted], np.intp)
         bands = wanted
     else:
@@ -200,13 +202,30 @@ def _seed32(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+def _measured_stats(data_config: Any, meta: dict, bands: list[str],
+                    index: np.ndarray | None) -> dict:
+    """stats='dataset': per-band statistics of up to ``stats_sample`` records."""
+    source = grain.sources.ArrayRecordDataSource(
+        [os.path.join(data_config.path, s) for s in meta["shards"]])
+    n = min(len(source), int(data_config.get("stats_sample", 64)))
+    picks = np.linspace(0, len(source) - 1, n).round().astype(int)  # spread, deterministic
+    images = []
+    for i in picks:
+        img = records.decode(source[int(i)])["image"]
+        images.append(img if index is None else img[:, index])
+    return normalize.dataset_stats(images, bands)
+
+
 def build_views_transform(data_config: Any, meta: dict, meta_path: str) -> _ViewsBase:
     """The per-sample RandomMap (decode + views) described by ``data_config``."""
     views = data_config.views
     if views not in _VIEWS:
         raise ValueError(f"data_config.views={views!r}: expected one of {available_views()}")
     bands, index = _select_bands(data_config, meta, meta_path)
-    norm = normalize.make_normalizer(data_config.normalization, data_config.stats, bands)
+    stats = data_config.stats
+    if stats == "dataset":
+        stats = _measured_stats(data_config, meta, bands, index)
+    norm = normalize.make_normalizer(data_config.normalization, stats, bands)
     params = resolve_augment(views, data_config.get("augment"))
     return _VIEWS[views](size=int(data_config.image_size), band_index=index,
                          normalizer=norm, params=params)
@@ -232,7 +251,7 @@ def build_dataset(data_config: Any, *, global_batch_size: int, seed: int,
     transform = build_views_transform(data_config, meta, meta_path)
     paths = [os.path.join(data_config.path, s) for s in meta["shards"]]
     for p in paths:
-        if not os.path.exists(p):
+        if not epath.Path(p).exists():
             raise FileNotFoundError(f"shard {p} listed in {meta_path} does not exist")
     source = grain.sources.ArrayRecordDataSource(paths)
     if len(source) < process_count:

@@ -50,7 +50,8 @@ def _pack_array(name: str, value: Any, dtype: Any = None) -> dict:
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     code = arr.dtype.str
     if code not in ALLOWED_DTYPES:
-        raise RecordError(f"field {name!r}: dtype {arr.dtype} is not one of {sorted(ALLOWED_DTYPES)}")
+        raise RecordError(
+            f"field {name!r}: dtype {arr.dtype} is not one of {sorted(ALLOWED_DTYPES)}")
     return {"dtype": code, "shape": list(arr.shape), "data": np.ascontiguousarray(arr).tobytes()}
 
 

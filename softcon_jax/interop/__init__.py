@@ -6,7 +6,7 @@
   built from the file's kernel (`first_layer='from_rgb'`); the ViT position embedding is
   resampled to the model's grid exactly as timm does.
 - `export_torch(model, variables, out_path, format)` writes the backbone with PyTorch names
-  and layouts plus a JSON sidecar (`<out_path minus suffix>.json`).
+  and layouts plus a JSON sidecar `<out_path>.json` (e.g. `backbone.safetensors.json`).
 - `backbone_features(model, variables, x)`: eval-mode features, as timm with num_classes=0.
 
 Nothing here imports torch at module import time; reading or writing `.pth` does, lazily.
@@ -228,7 +228,7 @@ def export_torch(model: Any, variables: Any, out_path: str | os.PathLike,
       img_size: training image size for the sidecar; defaults to the ViT's img_size
         (None for a ResNet unless given).
 
-    Returns the sidecar dict, also written to `<out_path without suffix>.json`:
+    Returns the sidecar dict, also written to `<out_path>.json` (`x.safetensors.json`):
     `format, timm_name, timm_kwargs, in_chans, img_size, band_order, normalization,
     num_features` (+ `torchvision_name` / `dinov2_hub`), such that
     `timm.create_model(timm_name, num_classes=0, **timm_kwargs)` loads the 'timm' file with
@@ -275,7 +275,7 @@ def export_torch(model: Any, variables: Any, out_path: str | os.PathLike,
                                      "kwargs": {"img_size": kw["img_size"],
                                                 "in_chans": kw["in_chans"],
                                                 "init_values": 1e-5, "block_chunks": 0}}
-    sidecar_path = Path(out_path).with_suffix(".json")
+    sidecar_path = Path(f"{out_path}.json")
     sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
     return sidecar
 

@@ -80,9 +80,11 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         d = x.shape[-1]
         dp = DropPath(self.drop_path)
-        y = Attention(self.num_heads, self.dtype, name="attn")(_layer_norm(self.dtype, "norm1")(x))
+        y = _layer_norm(self.dtype, "norm1")(x)
+        y = Attention(self.num_heads, self.dtype, name="attn")(y)
         x = x + dp(LayerScale(self.init_values, name="ls1")(y), train=train)
-        y = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(_layer_norm(self.dtype, "norm2")(x))
+        y = _layer_norm(self.dtype, "norm2")(x)
+        y = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(y)
         return x + dp(LayerScale(self.init_values, name="ls2")(y), train=train)
 
 
@@ -159,6 +161,9 @@ class VisionTransformer(nn.Module):
 
     def setup(self) -> None:
         d = self.embed_dim
+        if d % self.num_heads:
+            raise ValueError(f"{self.arch}: embed_dim={d} is not divisible by "
+                             f"num_heads={self.num_heads}.")
         self.patch_embed = PatchEmbed(d, self.patch_size, self.dtype)
         self.cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, d),
                                     jnp.float32)

@@ -1,0 +1,22 @@
+"""The benchmark scripts run end to end in their --smoke mode (no timing assertions)."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_loss_scaling_smoke():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "loss_scaling.py"), "--smoke"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| loss | N |"))
+    assert "direct time (s)" in lines[header] and "blockwise XLA temp" in lines[header]
+    assert lines[header + 1].startswith("|---")
+    row = lines[header + 2].split("|")
+    assert row[1].strip() == "soft_ce" and row[2].strip() == "256"
+    assert "error" not in lines[header + 2] and "n/a" not in lines[header + 2]
