@@ -17,12 +17,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "softcon"
     c.seed = 0
-    c.total_steps = 8 if test else 60
+    c.total_steps = 8 if test else 150
     # Stop early at this step (saving a checkpoint); run again to resume.
     c.stop_after_step = config_dict.placeholder(int)
     c.global_batch_size = 16 if test else 64
     c.grad_accum_steps = 1
-    c.log_every_steps = 2 if test else 5
+    c.log_every_steps = 2 if test else 10
     c.nonfinite = "stop"  # or "skip": drop the step and go on
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
 
@@ -33,6 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.in_channels = 13
     c.data.stats = "s2c"
     c.data.normalization = "softcon"
+    # The reference crop scale (0.08, 1) would cut 3-pixel crops out of 40-pixel scenes.
+    c.data.augment.crop_scale = (0.3, 1.0)
     c.data.synthetic = ml_collections.ConfigDict(dict(
         num_locations=64 if test else 512, num_shards=2 if test else 4,
         image_size=20 if test else 40, bands=13, timesteps=4, seed=0))
@@ -62,13 +64,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.kwargs = ml_collections.ConfigDict(dict(soft_weight=1.0, variant="soft_ce"))
 
     c.optimizer = ml_collections.ConfigDict(dict(
-        name="adamw", lr=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, grad_clip_norm=0.0,
+        name="adamw", lr=2e-3, weight_decay=0.05, b1=0.9, b2=0.999, grad_clip_norm=0.0,
         lr_scale_batch=0))
     c.schedule = ml_collections.ConfigDict(dict(name="cosine", warmup_steps=2 if test else 6,
                                                 end_factor=0.0))
     c.teacher = ml_collections.ConfigDict(dict(momentum=0.99, momentum_end=1.0))
 
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=4 if test else 20, keep=3,
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=4 if test else 50, keep=3,
                                                   async_save=True))
     c.export = ml_collections.ConfigDict(dict(format="timm", which="teacher"))
     return c

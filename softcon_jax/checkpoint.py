@@ -10,6 +10,7 @@ Every process must call `save` (each writes its own shards and its own iterator 
 from __future__ import annotations
 
 import json
+import os
 
 import grain
 import jax
@@ -21,6 +22,8 @@ class Checkpointer:
     """Thin wrapper so the trainer reads as: save / latest_step / restore / wait."""
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+        # Orbax needs an absolute path (gs:// paths already are).
+        workdir = workdir if "://" in str(workdir) else os.path.abspath(workdir)
         self.directory = epath.Path(workdir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save,

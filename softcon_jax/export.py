@@ -19,7 +19,7 @@ import ml_collections
 from absl import app, flags, logging
 from etils import epath
 
-from softcon_jax import interop, methods, optim, sharding
+from softcon_jax import interop, methods, metrics, optim, sharding
 from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (with checkpoints/).")
@@ -84,6 +84,7 @@ def main(argv):
     for flag in (_WORKDIR, _OUT):
         if flag.value is None:
             raise app.UsageError(f"--{flag.name} is required.")
+    metrics.quiet_library_logs()
     out = export_workdir(_WORKDIR.value, _OUT.value, _FORMAT.value, _STEP.value, _WHICH.value)
     print(f"Exported {_WHICH.value} backbone to {out} (+ {out}.json sidecar)")
 

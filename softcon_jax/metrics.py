@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import logging as logging_std
 import os
 import time
 
 import jax
 from absl import logging
+
+
+class _DropLibraryInfo(logging_std.Filter):
+    """Hides INFO chatter of Orbax/Grain/XLA start-up so the progress lines stay readable."""
+
+    _NOISY = ("/orbax/", "/grain/", "/jax/_src/")
+
+    def filter(self, record):
+        return record.levelno >= logging_std.WARNING or not any(
+            part in record.pathname for part in self._NOISY)
+
+
+def quiet_library_logs():
+    logging.get_absl_handler().addFilter(_DropLibraryInfo())
 
 
 class MetricWriter:
@@ -36,6 +51,7 @@ class Progress:
     def __init__(self, total_steps: int, global_batch_size: int, first_step: int):
         self.total, self.batch = total_steps, global_batch_size
         self._last_time, self._last_step = time.perf_counter(), first_step
+        self.first_loss = self.last_loss = None
 
     def timing(self, step: int) -> dict:
         """Step time and throughput since the previous call (uses host wall-clock)."""
@@ -46,6 +62,8 @@ class Progress:
         return {"perf/step_time_s": step_time, "perf/images_per_s": self.batch / step_time}
 
     def report(self, step: int, loss: float, timing: dict):
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        self.last_loss = loss
         if jax.process_index() != 0:
             return
         eta = (self.total - step) * timing["perf/step_time_s"]

@@ -26,11 +26,16 @@ from ml_collections import config_flags
 
 from softcon_jax import data, distributed, methods, optim, sharding
 from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
+from softcon_jax import metrics as metrics_lib
 from softcon_jax.metrics import MetricWriter, Progress
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+
+def _define_flags():
+    # Defined only when run as a program, so other entry points (export, evaluate) can
+    # import this module and define flags of the same names.
+    config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
 
 
 # ==== Train state =========================================================================
@@ -245,7 +250,7 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
         last_good = step
 
     try:
-        step = start
+        step, window = start, []  # window: metrics since the last log line, averaged there
         t_compile = time.perf_counter()
         while step < config.total_steps:
             batch = sharding.host_batch_to_global(next(data_iter), mesh)
@@ -257,8 +262,11 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
                              time.perf_counter() - t_compile)
                 progress.timing(step)
 
+            window.append(metrics)  # device arrays: no host sync until the log step
             if step % config.log_every_steps == 0 or step == config.total_steps:
-                metrics = jax.device_get(metrics)
+                metrics = jax.device_get(jax.tree.map(lambda *m: jnp.mean(jnp.stack(m)),
+                                                      *window))
+                window.clear()
                 timing = progress.timing(step)
                 bad = check_finite(step)
                 writer.write_scalars(step, {**metrics, **timing, "train/nonfinite_steps": bad})
@@ -276,6 +284,9 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
             if step % config.checkpoint.every_steps == 0 or step == config.total_steps:
                 save(step)
         ckpt.wait()
+        if progress.first_loss is not None:
+            logging.info("Finished at step %d: loss %.4f (first logged: %.4f).", step,
+                         progress.last_loss, progress.first_loss)
         return state
     finally:
         sigterm.restore()
@@ -287,11 +298,11 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if _WORKDIR.value is None:
-        raise app.UsageError("--workdir is required.")
-    train(_CONFIG.value, _WORKDIR.value)
+    metrics_lib.quiet_library_logs()
+    train(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
+    _define_flags()
+    flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

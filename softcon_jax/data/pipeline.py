@@ -23,6 +23,7 @@ from typing import Any
 
 import grain
 import ml_collections
+from ml_collections import config_dict
 from etils import epath
 import numpy as np
 
@@ -42,13 +43,18 @@ _DEFAULT_AUGMENT = {
 
 def default_config() -> ml_collections.ConfigDict:
     """Defaults for ``build_dataset``; ``augment`` fields left None take the
-    reference values of the chosen ``views`` method."""
+    reference values of the chosen ``views`` method.
+
+    None-valued fields are typed placeholders, so every one of them can be set from the
+    command line (``--config.data.augment.crop_scale='(0.3, 1.0)'``).
+    """
+    ph = config_dict.placeholder
     return ml_collections.ConfigDict({
         "path": "",                  # directory with metadata.json + shards
         "views": "softcon",          # 'softcon' | 'seco' (registry)
         "image_size": 224,           # output views are image_size x image_size
         "in_channels": 13,           # must equal the number of (selected) bands
-        "bands": None,               # None = all bands of the metadata, or a list of names
+        "bands": ph(tuple),          # None = all bands of the metadata, or band names
         "normalization": "softcon",  # 'softcon' | 'zscore' | 'seco_quantile'
         "stats": "s2c",              # 's2c' | 's2a' | 's1' | 'seco' | 'dataset' (measured)
         "stats_sample": 64,          # records read to measure stats='dataset'
@@ -57,16 +63,16 @@ def default_config() -> ml_collections.ConfigDict:
         "read_threads": 2,           # threads per process computing batches
         "prefetch_buffer_size": 2,   # batches prefetched by those threads
         "augment": {
-            "crop_scale": None,      # softcon (0.08, 1.0), seco (0.2, 1.0)
-            "crop_ratio": None,      # (3/4, 4/3)
-            "hflip_prob": None,      # 0.5
-            "jitter_prob": None,     # 0.8
-            "brightness": None,      # 0.4
-            "contrast": None,        # 0.4
-            "per_band_jitter": None,  # True: independent factors per band
-            "grayscale_prob": None,  # 0.2
-            "blur_prob": None,       # softcon (1.0, 0.1) per view; seco (0.5,)
-            "blur_sigma": None,      # (0.1, 2.0)
+            "crop_scale": ph(tuple),      # softcon (0.08, 1.0), seco (0.2, 1.0)
+            "crop_ratio": ph(tuple),      # (3/4, 4/3)
+            "hflip_prob": ph(float),      # 0.5
+            "jitter_prob": ph(float),     # 0.8
+            "brightness": ph(float),      # 0.4
+            "contrast": ph(float),        # 0.4
+            "per_band_jitter": ph(bool),  # True: independent factors per band
+            "grayscale_prob": ph(float),  # 0.2
+            "blur_prob": ph(tuple),       # softcon (1.0, 0.1) per view; seco (0.5,)
+            "blur_sigma": ph(tuple),      # (0.1, 2.0)
         },
     })
 
