@@ -4,7 +4,9 @@ For each global batch size N, q and k are (N, D) (one device holds all rows, the
 for the direct form) and the script times ``jax.jit(jax.value_and_grad(loss))`` with
 ``num_chunks=1`` (direct) and ``num_chunks=max(ceil(N / block), --min-chunks)``
 (blockwise). Every (loss, N,
-form) runs in a fresh subprocess, so the process peak RSS belongs to that configuration.
+form) is run once in a fresh subprocess, so the process peak RSS belongs to that
+configuration; the timings come from one more subprocess that alternates the two forms,
+so that load from other processes on a shared machine affects both alike.
 
 Reported per configuration:
 * time: median of ``--repeats`` runs after ``--warmup`` runs;
@@ -23,12 +25,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+from typing import Any
 
 LOSSES = ("infonce", "soft_ce", "bce", "mse")
 
@@ -66,49 +70,86 @@ def _parse_args(argv=None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- worker
 
 
-def _run_worker(spec: dict) -> dict:
-    """Compiles and times one configuration in this process; returns its measurements."""
-    import resource
+def _compiled_steps(spec: dict) -> tuple[dict, Any]:
+    """Compiles jit(value_and_grad(loss)) for each form in ``spec["forms"]``.
 
+    Returns ``({form: (compiled, memory facts)}, q)``.
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from softcon_jax import losses
 
-    n, dim, loss_name, num_chunks = spec["n"], spec["dim"], spec["loss"], spec["num_chunks"]
+    n, dim, loss_name = spec["n"], spec["dim"], spec["loss"]
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(n, dim)).astype(np.float32))
     k = jnp.asarray(rng.normal(size=(n, dim)).astype(np.float32))
     labels = jnp.asarray((rng.random((n, 9)) < 0.3).astype(np.float32))
 
-    def loss(q_):
+    def loss(q_, num_chunks):
         if loss_name == "infonce":
             return losses.infonce(q_, k, temperature=0.2, num_chunks=num_chunks)
         return losses.soft_contrastive(q_, k, labels, labels, temperature=0.2,
                                        variant=loss_name, num_chunks=num_chunks)
 
-    step = jax.jit(jax.value_and_grad(loss))
-    compiled = step.lower(q).compile()
-    mem = compiled.memory_analysis()
-    result = {
-        **spec,
-        "temp_bytes": int(mem.temp_size_in_bytes),
-        "total_bytes": int(mem.temp_size_in_bytes + mem.argument_size_in_bytes
-                           + mem.output_size_in_bytes),
-    }
-    if result["total_bytes"] > spec["budget_bytes"]:
-        return {**result, "skipped": True}
-    for _ in range(spec["warmup"]):
-        jax.block_until_ready(compiled(q))
-    times = []
-    for _ in range(spec["repeats"]):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(q))
-        times.append(time.perf_counter() - start)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {**result, "skipped": False, "times": times,
-            "median_s": float(np.median(times)), "peak_rss_bytes": peak_rss}
+    steps = {}
+    for form in spec["forms"]:
+        chunks = 1 if form == "direct" else spec["num_chunks"]
+        compiled = jax.jit(jax.value_and_grad(functools.partial(loss, num_chunks=chunks)))
+        compiled = compiled.lower(q).compile()
+        mem = compiled.memory_analysis()
+        total = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+        steps[form] = (compiled, {"temp_bytes": int(mem.temp_size_in_bytes),
+                                  "total_bytes": int(total),
+                                  "skipped": bool(total > spec["budget_bytes"])})
+    return steps, q
+
+
+def _run_worker(spec: dict) -> dict:
+    """Runs one measurement task in this process and returns its results.
+
+    ``task == "memory"``: compile one form, run it once, report compiled memory and the
+    process peak RSS. ``task == "time"``: compile both forms and time them alternately
+    (direct, blockwise, direct, ...), so that load from other processes on a shared machine
+    hits both forms alike; report the median of each.
+    """
+    import resource
+
+    import jax
+    import numpy as np
+
+    steps, q = _compiled_steps(spec)
+    if spec["task"] == "memory":
+        ((form, (compiled, facts)),) = steps.items()
+        if not facts["skipped"]:
+            jax.block_until_ready(compiled(q))
+            facts["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return facts
+    runnable = {form: c for form, (c, facts) in steps.items() if not facts["skipped"]}
+    times: dict[str, list[float]] = {form: [] for form in runnable}
+    for rep in range(spec["warmup"] + spec["repeats"]):
+        for form, compiled in runnable.items():
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(q))
+            if rep >= spec["warmup"]:
+                times[form].append(time.perf_counter() - start)
+    return {form: {"times": t, "median_s": float(np.median(t))} for form, t in times.items()}
+
+
+def measure(spec: dict) -> dict:
+    """Memory of each form (one fresh process each) and their alternating timings."""
+    out = {}
+    for form in ("direct", "blockwise"):
+        out[form] = {**spec, "form": form,
+                     **_spawn({**spec, "task": "memory", "forms": [form]})}
+    timing = _spawn({**spec, "task": "time", "forms": ["direct", "blockwise"]})
+    for form in out:
+        if "error" in timing:
+            out[form]["error"] = timing["error"]
+        elif form in timing:
+            out[form].update(timing[form])
+    return out
 
 
 def _spawn(spec: dict) -> dict:
@@ -118,7 +159,7 @@ def _spawn(spec: dict) -> dict:
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker",
                            json.dumps(spec)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        return {**spec, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -179,9 +220,9 @@ def main(argv=None) -> int:
         for n in sizes:
             base = dict(n=n, dim=args.dim, loss=loss, repeats=args.repeats,
                         warmup=args.warmup, budget_bytes=int(args.memory_budget_gb * 2**30))
-            direct = _spawn({**base, "num_chunks": 1})
             chunks = max(-(-n // args.block), args.min_chunks)
-            block = _spawn({**base, "num_chunks": chunks})
+            result = measure({**base, "num_chunks": chunks})
+            direct, block = result["direct"], result["blockwise"]
             rows.append((direct, block))
             print(f"# done {loss} N={n}: direct {_cell_time(direct)}, "
                   f"blockwise {_cell_time(block)}", file=sys.stderr, flush=True)

@@ -29,8 +29,8 @@ SMOKE_IMAGE_SIZE = 32
 SMOKE_BATCH = 2
 SMOKE_STEPS = 2
 # Tiny architectures with the real structure (ResNet stages, DINOv2 blocks, MoCo heads).
-_SMOKE_RESNET = dict(stage_sizes=(1, 1, 1, 1), widths=(8, 16, 16, 16))
-_SMOKE_VIT = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
+_SMOKE_RESNET = dict(stage_sizes=(1, 1, 1, 1), widths=(8, 8, 8, 8))  # timm needs 4 stages
+_SMOKE_VIT = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)
 _SMOKE_HEAD = dict(hidden_dim=32, out_dim=16)
 SECO_QUEUE = 16384  # SeCo's queue length per subspace (REFERENCE §2)
 
@@ -116,3 +116,36 @@ def fmt(value, spec: str = ".3g") -> str:
     if isinstance(value, str):
         return value
     return format(value, spec)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One markdown table; columns shared by train_step.py and torch_baseline.py.
+
+    compile (s): JAX lower + compile; PyTorch first-step time minus the median step
+    (torch.compile, cuDNN autotuning, allocator warm-up).
+    """
+    f = fmt
+    lines = ["| case | framework | dtype | devices | batch/device | images/s | step (ms) | "
+             "dispatch (ms) | compile (s) | peak mem/device (GiB) | mem source | "
+             "TFLOP/s/device | MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['framework']} | {r.get('dtype', '')} | "
+                         f"{r.get('devices', '')} | {r.get('per_device_batch', '')} | "
+                         f"error: {r['error']} |||||||||")
+            continue
+        compile_s = r.get("compile_s")
+        if r.get("lower_s") is not None:
+            compile_s = r["lower_s"] + r["compile_s"]
+        mem = r["peak_mem_bytes"] / 2**30 if r.get("peak_mem_bytes") else None
+        tflops = (r["achieved_flops_per_device"] / 1e12
+                  if r.get("achieved_flops_per_device") else None)
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else None
+        lines.append(
+            f"| {r['case']} | {r['framework']} | {r['dtype']} | {r['devices']} | "
+            f"{r['per_device_batch']} | {f(r['images_per_s'], '.2f')} | "
+            f"{f(1e3 * r['step_s'], '.1f')} | {f(r['dispatch_ms'], '.2f')} | "
+            f"{f(compile_s, '.1f')} | {f(mem, '.3g')} | {r['mem_source']} | "
+            f"{f(tflops, '.3g')} | {f(mfu)} |")
+    return "\n".join(lines)

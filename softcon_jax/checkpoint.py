@@ -45,6 +45,16 @@ class Checkpointer:
             items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
+    def has_data_state(self, step: int) -> bool:
+        """Whether checkpoint `step` has the input position of this process *and* count.
+
+        Grain writes one `process_<i>-of-<n>.json` per process, so a checkpoint from another
+        process count has none that this run can restore (the trainer then repositions the
+        input itself, see `train.continue_input_at`).
+        """
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        return (self.directory / str(step) / "data" / name).exists()
+
     def restore(self, step: int, abstract_state, data_iterator=None):
         """Restores onto the shardings of `abstract_state` (any mesh / device count)."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}

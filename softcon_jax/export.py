@@ -21,6 +21,7 @@ from etils import epath
 
 from softcon_jax import interop, methods, metrics, optim, sharding
 from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
+from softcon_jax.data import normalize
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (with checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Output .safetensors path.")
@@ -34,6 +35,21 @@ _WHICH = flags.DEFINE_enum("which", "teacher", ["teacher", "student"],
 def _dataset_metadata(data_config) -> dict:
     path = epath.Path(data_config.path) / "metadata.json"  # local or gs://
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _normalization_record(data_config, bands) -> dict:
+    """What a PyTorch user needs to feed the model as in pretraining (for the sidecar)."""
+    formulas = {
+        "softcon": "clip((x - (mean - 2*std)) / (4*std), 0, 1)",
+        "zscore": "(x - mean) / std",
+        "seco_quantile": "(clip((x - lo) / (hi - lo), 0, 1) - mean) / std",
+    }
+    record = {"name": data_config.normalization, "stats": data_config.get("stats"),
+              "formula": formulas.get(data_config.normalization)}
+    table = normalize.STATS.get(data_config.get("stats"), {})
+    if bands and table:
+        record["per_band"] = {b: table[b] for b in bands if b in table}
+    return record
 
 
 def restore_backbone(workdir: str, step: int | None = None, which: str = "teacher"):
@@ -69,7 +85,7 @@ def export_workdir(workdir: str, out: str, fmt: str = "timm", step: int | None =
                    which: str = "teacher") -> str:
     model, variables, config, step = restore_backbone(workdir, step, which)
     meta = _dataset_metadata(config.data)
-    normalization = {"name": config.data.normalization, "stats": config.data.get("stats")}
+    normalization = _normalization_record(config.data, meta.get("bands"))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     interop.export_torch(model, variables, out, fmt, band_order=meta.get("bands"),
                          normalization=normalization)

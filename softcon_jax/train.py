@@ -13,10 +13,12 @@ Running again with the same WORKDIR resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 
 import flax.struct
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +65,27 @@ def create_train_state(config, method, tx, mesh):
     abstract = jax.eval_shape(init, rng)
     shardings = sharding.state_shardings(abstract, mesh)
     return jax.jit(init, out_shardings=shardings), rng, abstract, shardings
+
+
+def load_pretrained_backbone(config, method, state, state_shardings):
+    """Continual pretraining: both backbones start from a local PyTorch file.
+
+    `config.init.weights` is a timm / torchvision / DINOv2 `.safetensors` or `.pth`;
+    `config.init.first_layer` is 'reinit' (SoftCon's choice when the band count differs) or
+    'from_rgb'. DINOv2's position embedding is resampled to `config.data.image_size`.
+    """
+    from softcon_jax import interop  # reading .pth needs torch, imported lazily there
+
+    kwargs = config.model.get("backbone_kwargs", {}).to_dict()
+    img_size = kwargs.pop("img_size", config.data.image_size)
+    _, variables = interop.import_torch(
+        config.init.weights, config.model.backbone, config.data.in_channels,
+        first_layer=config.init.get("first_layer", "reinit"), img_size=img_size,
+        seed=config.seed, **kwargs)
+    params, model_state = method.with_backbone(state.params, state.model_state, variables)
+    # Optimizer state is zeros for every optimizer here, so it stays valid.
+    return jax.device_put(state.replace(params=params, model_state=model_state),
+                          state_shardings)
 
 
 # ==== Train step ==========================================================================
@@ -113,8 +136,10 @@ def make_train_step(config, method, tx, schedule, mesh):
 
         # Numerical guard: a non-finite loss or gradient is never applied. The host then
         # stops or goes on, as config.nonfinite says (see the loop).
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        grad_norm = optax.tree.norm(grads)
+        # The update too: a finite gradient times an overflowing learning rate is not.
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(optax.tree.norm(updates)))
         updated = state.replace(params=params, opt_state=opt_state, model_state=model_state)
         state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
         state = state.replace(step=state.step + 1,
@@ -132,6 +157,28 @@ def jit_train_step(config, method, tx, schedule, mesh, state_shardings):
                    in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(state_shardings, sharding.replicated(mesh)),
                    donate_argnums=(0,))
+
+
+def continue_input_at(data_iter, step: int) -> None:
+    """Moves a fresh input iterator to batch `step`, for a checkpoint of another layout.
+
+    Each process reads batches of `global_batch_size / process_count` from its slice
+    `[i::process_count]` of the same globally shuffled order, so batch `step` of every
+    process starts at global position `step * global_batch_size`, whatever the process
+    count: the epoch goes on where the checkpoint left it, no sample skipped or repeated.
+    Only the augmentation draws differ from an unchanged run (they are seeded per process).
+    """
+    logging.warning(
+        "Checkpoint %d was written by another number of processes than this run's %d; its "
+        "input iterator state is per process. Restored the train state; the input continues "
+        "at batch %d of each process's shard (same global position).", step,
+        jax.process_count(), step)
+    try:
+        grain.experimental.set_next_index(data_iter, step)
+    except (NotImplementedError, ValueError) as e:
+        raise RuntimeError(
+            f"Cannot move this input pipeline to batch {step} ({e!r}); resume on the process "
+            "count the checkpoint was written with.") from e
 
 
 # ==== Preemption ==========================================================================
@@ -221,10 +268,19 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
     if start is None:
         state = init_fn(rng)
         start = 0
+        if config.get("init") and config.init.get("weights"):
+            logging.info("Initialising the backbones from %s.", config.init.weights)
+            state = load_pretrained_backbone(config, method, state, state_shardings)
     else:
         logging.info("Resuming from %s/%d.", ckpt.directory, start)
+        # The input position is saved per process (process_i-of-n); a checkpoint written
+        # by another process count has none for this run (issue 6: resume on another
+        # slice size). Then only the train state is restored, see continue_input_at.
+        same_layout = ckpt.has_data_state(start)
         state = ckpt.restore(start, abstract_with_shardings(abstract, state_shardings),
-                             data_iter)
+                             data_iter if same_layout else None)
+        if not same_layout:
+            continue_input_at(data_iter, start)
 
     # --- loop -----------------------------------------------------------------------------
     step_fn = jit_train_step(config, method, tx, schedule, mesh, state_shardings)
@@ -233,6 +289,13 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
     sigterm = _SigtermFlag()
     stop_after = config.get("stop_after_step") or None
     last_good = ckpt.latest_step()
+    # config.debug_transfer_guard ('log' | 'disallow'; issue 6): the loop runs under
+    # jax.transfer_guard, so an implicit host<->device transfer in it is logged or raises.
+    # Batches go in with make_array_from_process_local_data, metrics come out with
+    # jax.device_get: both explicit. Set-up (init, restore) is outside the guard.
+    guard = contextlib.ExitStack()
+    if config.get("debug_transfer_guard"):
+        guard.enter_context(jax.transfer_guard(config.debug_transfer_guard))
 
     def check_finite(step):
         bad = int(jax.device_get(state.num_nonfinite))
@@ -289,6 +352,7 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
                          progress.last_loss, progress.first_loss)
         return state
     finally:
+        guard.close()
         sigterm.restore()
         ckpt.wait()
         ckpt.close()

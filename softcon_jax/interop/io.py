@@ -74,19 +74,27 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def write_state_dict(state_dict: dict[str, np.ndarray], path: str | os.PathLike) -> None:
-    """Writes {torch key: array} as `.safetensors` (no torch needed) or `.pth` (needs torch)."""
+    """Writes {torch key: array} as `.safetensors` (no torch needed) or `.pth` (needs torch).
+
+    The file appears atomically: it is written under a temporary name in the same directory
+    and renamed, so an interrupted export never replaces a good file with a partial one.
+    """
     path = str(path)
     suffix = Path(path).suffix.lower()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+    # np.require keeps 0-d arrays 0-d (torch's num_batches_tracked has shape []);
+    # np.ascontiguousarray would make them shape [1].
+    arrays = {k: np.require(v, requirements="C") for k, v in state_dict.items()}
+    tmp = f"{path}.tmp-{os.getpid()}"
     if suffix == ".safetensors":
         from safetensors.numpy import save_file
 
-        save_file(arrays, path, metadata={"format": "pt"})
+        save_file(arrays, tmp, metadata={"format": "pt"})
     elif suffix in TORCH_SUFFIXES:
         import torch  # lazy: torch is an optional extra
 
-        torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, path)
+        torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, tmp)
     else:
         raise ValueError(f"{path}: unsupported output suffix {suffix!r}; expected .safetensors "
                          f"or one of {list(TORCH_SUFFIXES)}.")
+    os.replace(tmp, path)

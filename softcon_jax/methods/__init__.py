@@ -10,6 +10,8 @@ with this interface:
     loss, (model_state, metrics) = method.loss(params, model_state, batch, rng, step)
     model_state, metrics = method.after_update(params, model_state, step)
     variables = method.backbone_variables(model_state, params, which="teacher"|"student")
+    params, model_state = method.with_backbone(params, model_state, variables)  # warm start
+    batch = method.example_batch(n)                         # zeros, for initialisation
     method.backbone                                         # the flax backbone module
 """
 

@@ -88,6 +88,18 @@ class SeCo:
             model_state["queue_ptr"] = jnp.zeros((), jnp.int32)
         return params, model_state
 
+    def with_backbone(self, params, model_state, variables):
+        """Query and key backbones start from `variables` (e.g. ImageNet/DINO weights)."""
+        params = {**params, "backbone": variables["params"]}
+        key_vars = {**model_state["key_encoder"]}
+        key_vars["params"] = {**key_vars["params"], "backbone": variables["params"]}
+        model_state = {**model_state, "key_encoder": key_vars}
+        if "batch_stats" in variables:
+            stats = variables["batch_stats"]
+            model_state["batch_stats"] = {**model_state["batch_stats"], "backbone": stats}
+            key_vars["batch_stats"] = {**key_vars["batch_stats"], "backbone": stats}
+        return params, model_state
+
     def backbone_variables(self, model_state, params, which: str = "teacher"):
         if which == "teacher":
             src = model_state["key_encoder"]

@@ -67,6 +67,18 @@ class SoftCon:
             teacher["batch_stats"] = {k: bs[k] for k in ("backbone", "projector") if k in bs}
         return params, model_state
 
+    def with_backbone(self, params, model_state, variables):
+        """Student and teacher backbones start from `variables` (continual pretraining)."""
+        params = {**params, "backbone": variables["params"]}
+        teacher = {**model_state["teacher"]}
+        teacher["params"] = {**teacher["params"], "backbone": variables["params"]}
+        model_state = {**model_state, "teacher": teacher}
+        if "batch_stats" in variables:
+            stats = variables["batch_stats"]
+            model_state["batch_stats"] = {**model_state["batch_stats"], "backbone": stats}
+            teacher["batch_stats"] = {**teacher["batch_stats"], "backbone": stats}
+        return params, model_state
+
     def backbone_variables(self, model_state, params, which: str = "teacher"):
         if which == "teacher":
             src_params = model_state["teacher"]["params"]

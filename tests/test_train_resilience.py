@@ -1,0 +1,345 @@
+"""Issue 6 resilience: exact resume, crash during a save, multi-process, no recompiles.
+
+Every run here is the real training CLI in a subprocess (`python -m softcon_jax.train`), or
+`_DRIVER` below: the same CLI with a test hook (send SIGTERM to itself at a step, stall the
+asynchronous checkpoint write, count compilations). All subprocesses share one dataset and
+one persistent XLA compilation cache, so only the first run of a layout pays for compiling.
+"""
+
+import glob
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import portpicker
+import pytest
+from tensorboardX.proto import event_pb2
+
+from softcon_jax import methods, optim, sharding, train
+from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+K = 8         # total steps of the resume runs
+HALF = K // 2
+TIMEOUT = 600
+
+# The training CLI with optional hooks, chosen by environment variables.
+_DRIVER = r'''
+import asyncio, json, os, signal, sys, threading
+import jax, numpy as np
+from absl import app
+from softcon_jax import checkpoint, train
+
+env = os.environ.get
+SIGTERM_AT = int(env("HOOK_SIGTERM_AT", "0"))
+STALL_SAVE_AT = int(env("HOOK_STALL_SAVE_AT", "0"))
+MARKER = env("HOOK_MARKER", "")
+REPORT = env("HOOK_REPORT", "")
+report = {}
+
+if SIGTERM_AT:
+    # A preemption notice from outside, delivered right after step SIGTERM_AT was logged.
+    write_scalars = train.MetricWriter.write_scalars
+
+    def write_then_sigterm(self, step, scalars):
+        write_scalars(self, step, scalars)
+        if step == SIGTERM_AT:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    train.MetricWriter.write_scalars = write_then_sigterm
+
+if STALL_SAVE_AT:
+    # The asynchronous save of step STALL_SAVE_AT writes a few arrays, then never finishes:
+    # the parent kills this process (kill -9) in the middle of it.
+    from orbax.checkpoint._src.serialization import serialization
+    stalling = threading.Event()
+    save = checkpoint.Checkpointer.save
+
+    def save_hook(self, step, *args, **kwargs):
+        if step == STALL_SAVE_AT:
+            stalling.set()
+        return save(self, step, *args, **kwargs)
+
+    checkpoint.Checkpointer.save = save_hook
+    write_array = serialization.async_serialize_from_host
+    written = [0]
+
+    async def stalling_write(*args, **kwargs):
+        if stalling.is_set():
+            written[0] += 1
+            if written[0] > 5:
+                open(MARKER, "w").write("stalled")
+                await asyncio.sleep(3600)
+        return await write_array(*args, **kwargs)
+
+    serialization.async_serialize_from_host = stalling_write
+
+if REPORT:
+    # Counts the train step's compilations and checks that the loop really runs under the
+    # transfer guard (an implicit transfer inside it must raise).
+    jit_train_step = train.jit_train_step
+
+    def jit_and_remember(*args, **kwargs):
+        report["step_fn"] = jit_train_step(*args, **kwargs)
+        return report["step_fn"]
+
+    train.jit_train_step = jit_and_remember
+    write_scalars = train.MetricWriter.write_scalars
+    report["cache_sizes"] = []
+
+    def write_and_probe(self, step, scalars):
+        write_scalars(self, step, scalars)
+        report["cache_sizes"].append(report["step_fn"]._cache_size())
+        # An implicit host-to-device transfer (a Python scalar into a computation). The CPU
+        # backend checks only this direction: its device-to-host copies are zero-copy.
+        x = jax.device_put(np.float32(1.0))
+        try:
+            x + 1
+            report["guard_active"] = False
+        except Exception as e:
+            report["guard_active"] = "Disallowed host-to-device" in str(e)
+
+    train.MetricWriter.write_scalars = write_and_probe
+    run_training = train.train
+
+    def train_with_guard(config, workdir, **kwargs):
+        with config.unlocked():
+            config.debug_transfer_guard = "disallow"
+        return run_training(config, workdir, **kwargs)
+
+    train.train = train_with_guard
+
+
+def main(argv):
+    train.main(argv)
+    if REPORT:
+        report.pop("step_fn")
+        open(REPORT, "w").write(json.dumps(report))
+
+
+train._define_flags()
+app.run(main)
+'''
+
+
+# ==== Helpers ==============================================================================
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One dataset and one XLA compilation cache for every run in this file."""
+    root = tmp_path_factory.mktemp("resilience")
+    driver = root / "driver.py"
+    driver.write_text(_DRIVER)
+    return {"data": str(root / "data"), "cache": str(root / "xla_cache"),
+            "driver": str(driver), "root": root}
+
+
+def _env(shared, devices=8, **extra):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": shared["cache"],
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _start(shared, workdir, *overrides, driver=False, devices=8, **env):
+    """Starts `softcon_jax.train` (or the hooked driver) on the quickstart test config."""
+    program = [shared["driver"]] if driver else ["-m", "softcon_jax.train"]
+    args = [sys.executable, *program, "--config", "configs/quickstart.py:test",
+            "--workdir", str(workdir), f"--config.data.path={shared['data']}",
+            f"--config.total_steps={K}", "--config.log_every_steps=1",
+            "--config.checkpoint.every_steps=1000", *overrides]
+    return subprocess.Popen(args, cwd=REPO, env=_env(shared, devices, **env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(*procs):
+    """Waits for every process; asserts each exited 0; returns their logs."""
+    logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-6000:]
+    return logs
+
+
+def _run(shared, workdir, *overrides, **kwargs):
+    return _finish(_start(shared, workdir, *overrides, **kwargs))[0]
+
+
+def _read_scalars(workdir, tag="loss/total"):
+    """[(step, value)] of `tag` over all TensorBoard event files of a workdir, in file order.
+
+    Event files are TFRecords: u64 length, u32 crc, Event proto, u32 crc.
+    """
+    out = []
+    for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            blob = f.read()
+        pos = 0
+        while pos + 12 <= len(blob):
+            (length,) = struct.unpack("<Q", blob[pos:pos + 8])
+            event = event_pb2.Event.FromString(blob[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            out += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+    return out
+
+
+def _restore_state(workdir, step):
+    """The full train state of checkpoint `step`, restored onto one device, as numpy."""
+    ckpt = Checkpointer(str(workdir), async_save=False)
+    try:
+        config = ml_collections.ConfigDict(ckpt.restore_config(step))
+        mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+        method = methods.get(config.method)(config, mesh)
+        tx, _ = optim.make_optimizer(config)
+        _, _, abstract, shardings = train.create_train_state(config, method, tx, mesh)
+        return jax.device_get(ckpt.restore(step, abstract_with_shardings(abstract, shardings)))
+    finally:
+        ckpt.close()
+
+
+def _assert_same_state(a, b, atol=1e-6):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    worst = max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)) if np.size(x))
+    assert worst <= atol, f"max abs difference {worst}"
+
+
+def _steps(workdir):
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                  if d.isdigit())
+
+
+@pytest.fixture(scope="module")
+def straight(shared):
+    """K steps in one go: the reference every interrupted run must reproduce."""
+    workdir = shared["root"] / "straight"
+    _run(shared, workdir)
+    assert _steps(workdir) == [K]
+    return {"state": _restore_state(workdir, K), "losses": _read_scalars(workdir)}
+
+
+# ==== 1. Exact resume ======================================================================
+
+def test_sigterm_and_stop_after_step_resume_exactly(shared, straight, tmp_path):
+    """SIGTERM at K/2 and --config.stop_after_step=K/2, each resumed, equal the straight run."""
+    preempted, stopped = tmp_path / "sigterm", tmp_path / "stop_after"
+    # First halves, side by side: the real SIGTERM path (signal handler -> flag -> save ->
+    # exit 0) and the config's planned stop.
+    log_sigterm, log_stop = _finish(
+        _start(shared, preempted, driver=True, HOOK_SIGTERM_AT=HALF),
+        _start(shared, stopped, f"--config.stop_after_step={HALF}"))
+    assert "SIGTERM received" in log_sigterm
+    assert f"Stopped at step {HALF} (preemption)" in log_sigterm
+    assert f"Stopped at step {HALF} (config.stop_after_step)" in log_stop
+    assert _steps(preempted) == _steps(stopped) == [HALF]
+
+    log1, log2 = _finish(_start(shared, preempted), _start(shared, stopped))
+    for log, workdir in ((log1, preempted), (log2, stopped)):
+        assert "Resuming from" in log
+        assert _steps(workdir) == [HALF, K]
+        _assert_same_state(_restore_state(workdir, K), straight["state"])
+        losses = _read_scalars(workdir)
+        # Every step logged exactly once, over the two runs, with the straight run's values.
+        assert [s for s, _ in losses] == list(range(1, K + 1))
+        np.testing.assert_allclose([v for _, v in losses],
+                                   [v for _, v in straight["losses"]], rtol=0, atol=1e-6)
+    assert [s for s, _ in straight["losses"]] == list(range(1, K + 1))
+    assert np.all(np.isfinite([v for _, v in straight["losses"]]))
+
+
+# ==== 2. Crash during a save ===============================================================
+
+def test_kill_during_async_save_keeps_previous_checkpoint(shared, straight, tmp_path):
+    """kill -9 mid-save: step S is never half-visible, S-2 restores, the run ends as straight."""
+    workdir, marker, stall = tmp_path / "run", tmp_path / "stalled", 4
+    proc = _start(shared, workdir, "--config.checkpoint.every_steps=2", driver=True,
+                  HOOK_STALL_SAVE_AT=stall, HOOK_MARKER=marker)
+    deadline = time.monotonic() + TIMEOUT
+    while not os.path.exists(marker):
+        assert proc.poll() is None, proc.communicate()[0][-6000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    tmp_dirs = glob.glob(str(workdir / "checkpoints" / f"{stall}.orbax-checkpoint-tmp*"))
+    assert tmp_dirs, os.listdir(workdir / "checkpoints")  # the save is under way...
+    proc.send_signal(signal.SIGKILL)                      # ...and dies half-written
+    proc.communicate(timeout=60)
+
+    assert _steps(workdir) == [stall - 2]  # no step `stall` without the tmp suffix
+    assert Checkpointer(str(workdir), async_save=False).latest_step() == stall - 2
+    restored = _restore_state(workdir, stall - 2)
+    assert int(restored.step) == stall - 2
+
+    log = _run(shared, workdir, "--config.checkpoint.every_steps=2")
+    assert f"Resuming from {workdir / 'checkpoints'}/{stall - 2}" in log
+    assert _steps(workdir)[-1] == K
+    # Same data position and state as an uninterrupted run: the same final parameters.
+    _assert_same_state(_restore_state(workdir, K), straight["state"])
+
+
+# ==== 3. Two processes, then one ===========================================================
+
+def test_two_process_run_resumes_on_one_process(shared, tmp_path):
+    """2 processes x 4 devices train and checkpoint; 1 process x 8 devices continues."""
+    workdir, stop = tmp_path / "run", 3
+    port = portpicker.pick_unused_port()
+    procs = [_start(shared, workdir, f"--config.stop_after_step={stop}", devices=4,
+                    JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2,
+                    JAX_PROCESS_ID=i) for i in range(2)]
+    try:
+        logs = _finish(*procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert "8 devices, 2 processes" in logs[0]
+    assert f"Stopped at step {stop}" in logs[0]
+    assert _steps(workdir) == [stop]
+    # Every process took part in the checkpoint (each saved its own input position).
+    data_dir = workdir / "checkpoints" / str(stop) / "data"
+    assert sorted(glob.glob("process_*.json", root_dir=data_dir)) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    # Only process 0 wrote TensorBoard logs: one event file, each step once.
+    assert len(glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))) == 1
+    assert [s for s, _ in _read_scalars(workdir)] == list(range(1, stop + 1))
+    state_2proc = _restore_state(workdir, stop)
+
+    log = _run(shared, workdir)  # one process, 8 devices: another mesh and process count
+    assert "Resuming from" in log and "8 devices, 1 processes" in log
+    # The input state was saved per process (2 of them): it is re-placed, with a warning.
+    assert "written by another number of processes" in log
+    assert _steps(workdir) == [stop, K]
+    losses = _read_scalars(workdir)
+    assert [s for s, _ in losses] == list(range(1, K + 1))
+    assert np.all(np.isfinite([v for _, v in losses]))
+    final = _restore_state(workdir, K)
+    assert int(final.step) == K and int(final.num_nonfinite) == 0
+    # It went on from the two-process state and trained.
+    assert int(state_2proc.step) == stop
+    moved = max(float(np.max(np.abs(a - b))) for a, b in
+                zip(jax.tree.leaves(final.params), jax.tree.leaves(state_2proc.params)))
+    assert moved > 0
+
+
+# ==== 4. Compilation and host transfers ====================================================
+
+def test_train_loop_compiles_once_and_makes_no_implicit_transfers(shared, tmp_path):
+    """From init and from a restored checkpoint: one compilation, no implicit transfer."""
+    # Saves every 2 steps and logs every step, so every kind of loop iteration is covered.
+    # A run stopped at K/2, then its resumption to K.
+    for name, stop in (("first", [f"--config.stop_after_step={HALF}"]), ("resumed", [])):
+        report = tmp_path / f"report_{name}.json"
+        _run(shared, tmp_path / "run", "--config.checkpoint.every_steps=2", *stop,
+             driver=True, HOOK_REPORT=report)
+        result = json.loads(report.read_text())
+        # The loop ran under jax.transfer_guard('disallow') (config.debug_transfer_guard).
+        assert result["guard_active"] is True
+        # The step compiled once, at its first call, never again.
+        assert result["cache_sizes"] == [1] * HALF
