@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -211,6 +211,8 @@ def train_linear_probe(x: np.ndarray, y: np.ndarray, *, num_classes: int, multil
 
 # ==== Backbone and its input specification =================================================
 
+SECO_INPUT_SCALE = 255.0 / 10000.0
+
 # Bands whose absence in a dataset is filled with zeros (after normalisation): B10 (cirrus)
 # is not in L2A products such as BigEarthNet; SoftCon feeds such data to its 13-band models
 # with a zero B10 band.
@@ -235,6 +237,10 @@ class Backbone:
     img_size: int
     step: int
     source: str
+    # Multiplies the datasets' raw values (reflectance x 10000) before normalisation:
+    # 1 for SSL4EO-S12-style pretraining data (uint16, x 10000), 255 / 10000 for SeCo's
+    # uint8 data (reflectance x 255).
+    input_scale: float = 1.0
 
 
 def _default_bands(in_channels: int, where: str) -> list[str]:
@@ -260,14 +266,20 @@ def _make_normalizer(name: str | None, stats: Any, bands: list[str], where: str,
                      f"pass --stats.")
 
 
+def _input_scale(stats: Any, data_dtype: str | None) -> float:
+    return SECO_INPUT_SCALE if stats == "seco" or data_dtype == "uint8" else 1.0
+
+
 def load_from_workdir(workdir: str, step: int | None = None, which: str = "teacher", *,
                       normalization: str | None = None, stats: str | None = None,
-                      bands: list[str] | None = None) -> Backbone:
+                      bands: list[str] | None = None,
+                      input_scale: float | None = None) -> Backbone:
     """The teacher (or student) backbone of a training checkpoint and its pretraining input.
 
     Band order: `config.data.bands`, else the training data's metadata.json. Normalisation:
     `config.data.normalization` / `.stats`; `stats='dataset'` re-measures the statistics on
-    the training data exactly as the data pipeline did (it must still be readable).
+    the training data exactly as the data pipeline did (it must still be readable). Input
+    scale: SeCo-style uint8 training data (metadata dtype, or stats='seco') -> 255 / 10000.
     """
     from softcon_jax import data as data_lib
     from softcon_jax.export import restore_backbone
@@ -275,14 +287,17 @@ def load_from_workdir(workdir: str, step: int | None = None, which: str = "teach
     model, variables, config, step = restore_backbone(workdir, step, which)
     d = config.data
     where = f"--workdir {workdir} (config.data)"
+    try:
+        meta = data_lib.load_metadata(d.path)[0]
+    except FileNotFoundError:
+        meta = {}
     if bands is None:
         if d.get("bands"):
             bands = [d.bands] if isinstance(d.bands, str) else list(d.bands)
+        elif meta.get("bands"):
+            bands = list(meta["bands"])
         else:
-            try:
-                bands = list(data_lib.load_metadata(d.path)[0]["bands"])
-            except FileNotFoundError:
-                bands = _default_bands(int(d.in_channels), where)
+            bands = _default_bands(int(d.in_channels), where)
     name = normalization or d.normalization
     stats = stats or d.get("stats")
     if stats == "dataset":
@@ -290,9 +305,11 @@ def load_from_workdir(workdir: str, step: int | None = None, which: str = "teach
         normalizer = data_lib.build_views_transform(d, meta, meta_path).normalizer
     else:
         normalizer = _make_normalizer(name, stats, bands, where)
+    if input_scale is None:
+        input_scale = _input_scale(stats, meta.get("dtype"))
     return Backbone(model, variables, [canonical_band(b) for b in bands], normalizer,
                     {"name": name, "stats": stats}, int(d.image_size), int(step),
-                    os.path.abspath(workdir))
+                    os.path.abspath(workdir), float(input_scale))
 
 
 def _arch_kwargs(timm_name: str, timm_kwargs: dict) -> dict:
@@ -304,7 +321,8 @@ def _arch_kwargs(timm_name: str, timm_kwargs: dict) -> dict:
 
 def load_from_weights(path: str, *, normalization: str | None = None,
                       stats: str | None = None, bands: list[str] | None = None,
-                      img_size: int | None = None, step: int | None = None) -> Backbone:
+                      img_size: int | None = None, step: int | None = None,
+                      input_scale: float | None = None) -> Backbone:
     """A backbone exported by `softcon_jax.export` (or `interop.export_torch`).
 
     Reads `<path>.json` (timm_name, timm_kwargs, in_chans, img_size, band_order,
@@ -339,18 +357,21 @@ def load_from_weights(path: str, *, normalization: str | None = None,
     stats = stats or norm.get("stats")
     per_band = norm.get("per_band") if not stats or stats == norm.get("stats") else None
     normalizer = _make_normalizer(name, stats, list(bands), where, per_band)
+    if input_scale is None:
+        input_scale = meta.get("input_scale") or _input_scale(stats, meta.get("data_dtype"))
     return Backbone(model, variables, [canonical_band(b) for b in bands], normalizer,
                     {"name": name, "stats": stats}, int(size),
                     int(step if step is not None else meta.get("step", 0) or 0),
-                    os.path.abspath(path))
+                    os.path.abspath(path), float(input_scale))
 
 
 def model_input(bands: dict[str, np.ndarray], backbone: Backbone,
                 dataset: str) -> np.ndarray:
     """Dataset bands (canonical name -> (B, H, W) raw values) -> (B, H, W, C) model input.
 
-    Bands are stacked in the model's order, normalised with the pretraining normaliser,
-    and bands in `ZERO_FILL_BANDS` that the dataset lacks are then set to 0.
+    Bands are stacked in the model's order, multiplied by `backbone.input_scale`, normalised
+    with the pretraining normaliser, and bands in `ZERO_FILL_BANDS` that the dataset lacks
+    are then set to 0.
     """
     missing = [b for b in backbone.band_order if b not in bands]
     bad = [b for b in missing if b not in ZERO_FILL_BANDS]
@@ -360,6 +381,8 @@ def model_input(bands: dict[str, np.ndarray], backbone: Backbone,
     shape = next(iter(bands.values())).shape
     x = np.stack([bands[b] if b in bands else np.zeros(shape, np.float32)
                   for b in backbone.band_order], axis=-1)
+    if backbone.input_scale != 1.0:
+        x *= np.float32(backbone.input_scale)
     x = backbone.normalizer(x)
     for b in missing:
         x[..., backbone.band_order.index(b)] = 0.0
@@ -749,6 +772,7 @@ def evaluate(backbone: Backbone, task: str, opts: EvalOptions) -> dict:
     return {"task": task, "step": backbone.step, "source": backbone.source, **result,
             "input": {"band_order": backbone.band_order, "img_size": backbone.img_size,
                       "normalization": backbone.normalization,
+                      "input_scale": backbone.input_scale,
                       "zero_filled_after_normalisation": [
                           b for b in backbone.band_order if b in ZERO_FILL_BANDS]},
             "seed": opts.seed, "time_s": round(time.perf_counter() - t0, 2)}
@@ -790,6 +814,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override the recorded input normalisation")
     p.add_argument("--stats", choices=sorted(normalize.STATS), default=None,
                    help="override the recorded normalisation statistics")
+    p.add_argument("--input-scale", type=float, default=None,
+                   help="multiply the datasets' values (reflectance x 10000) by this before "
+                        "normalising (default: 1, or 255/10000 for SeCo uint8 pretraining)")
     p.add_argument("--img-size", type=int, default=None,
                    help="--weights only: input size when the sidecar has none (ResNet)")
     p.add_argument("--tensorboard-dir", default=None,
@@ -802,14 +829,15 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.workdir:
         backbone = load_from_workdir(args.workdir, args.step, args.which,
-                                     normalization=args.normalization, stats=args.stats)
+                                     normalization=args.normalization, stats=args.stats,
+                                     input_scale=args.input_scale)
         out = args.out or os.path.join(args.workdir, "eval",
                                        f"{args.task}_step{backbone.step}.json")
         tb_dir = args.tensorboard_dir or os.path.join(args.workdir, "tensorboard")
     else:
         backbone = load_from_weights(args.weights, normalization=args.normalization,
                                      stats=args.stats, img_size=args.img_size,
-                                     step=args.step)
+                                     step=args.step, input_scale=args.input_scale)
         out = args.out or f"{args.weights}.{args.task}.json"
         tb_dir = args.tensorboard_dir or os.path.join(
             os.path.dirname(os.path.abspath(out)), "tensorboard")

@@ -31,9 +31,11 @@ every 500 steps) that is well under 1 % of training time for any batch of 64 or 
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -41,8 +43,10 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from softcon_jax import data as data_lib
 from softcon_jax import sharding as sharding_lib
-from softcon_jax.data import augment
+from softcon_jax.data import augment, records
+from softcon_jax.evaluate import knn_scores, mean_average_precision
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -64,13 +68,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def _labelled_samples(path: str, count: int) -> list[tuple[int, int, np.ndarray]]:
     """(record index, season index, labels (9,)) of the first `count` labelled locations."""
-    import os
-
-    import grain
-
-    from softcon_jax.data import load_metadata, records
-
-    meta, meta_path = load_metadata(path)
+    meta, _ = data_lib.load_metadata(path)
     source = grain.sources.ArrayRecordDataSource(
         [os.path.join(path, s) for s in meta["shards"]])
     out = []
@@ -109,7 +107,7 @@ class OnlineKNN:
         t0 = time.perf_counter()
         images, self.bank_labels, self.val_labels = self._load(config, cfg)
         self.num_train, self.num_val = len(self.bank_labels), len(self.val_labels)
-        self.images = self._to_device(images, config)
+        self.images = self._to_device(images)
         self._run = self._build(float(cfg.knn_temperature))
         logging.info("Online kNN: %d bank / %d query images from %s cached on device in "
                      "%.1f s; runs every %d steps.", self.num_train, self.num_val,
@@ -131,13 +129,6 @@ class OnlineKNN:
 
     def _load(self, config, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Preprocessed images (N, S, S, C) in bank-then-query order, and their labels."""
-        import os
-
-        import grain
-
-        from softcon_jax import data as data_lib
-        from softcon_jax.data import records
-
         d = config.data
         train_meta, train_meta_path = data_lib.load_metadata(d.path)
         # The pretraining normaliser: same band selection and statistics as training.
@@ -177,7 +168,7 @@ class OnlineKNN:
         labels = np.stack([s[2] for s in samples])
         return images, labels[:n_train], labels[n_train:]
 
-    def _to_device(self, images: np.ndarray, config) -> jax.Array:
+    def _to_device(self, images: np.ndarray) -> jax.Array:
         """(N, ...) -> (num_batches, B, ...) global array, batch axis over the mesh."""
         shards = sharding_lib.num_batch_shards(self.mesh)
         b = -(-min(int(self.cfg.batch_size), len(images)) // shards) * shards
@@ -190,8 +181,6 @@ class OnlineKNN:
         return jax.make_array_from_callback(padded.shape, spec, lambda idx: padded[idx])
 
     def _build(self, temperature: float):
-        from softcon_jax.evaluate import knn_scores
-
         backbone, mesh = self.method.backbone, self.mesh
         n_train, n_val, k = self.num_train, self.num_val, self.k
         bank_labels = jnp.asarray(self.bank_labels)
@@ -219,8 +208,6 @@ class OnlineKNN:
 
     def run(self, state) -> dict:
         """Evaluates now; returns the scalars."""
-        from softcon_jax.evaluate import mean_average_precision
-
         t0 = time.perf_counter()
         scores, _ = self._run(self.variables(state), self.images)
         scores = np.asarray(jax.device_get(scores), np.float64)

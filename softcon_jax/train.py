@@ -286,7 +286,11 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
     step_fn = jit_train_step(config, method, tx, schedule, mesh, state_shardings)
     writer = MetricWriter(workdir)
     progress = Progress(config.total_steps, config.global_batch_size, start)
-    sigterm = _SigtermFlag()
+    # One process: a Python SIGTERM handler sets a flag. Several: JAX's preemption service
+    # (started by jax.distributed.initialize) owns SIGTERM and makes all processes stop at
+    # the same step (ckpt.reached_preemption). A Python handler would replace its C++ one,
+    # and the notice would be swallowed: no process would stop or save (issue 6 test).
+    sigterm = _SigtermFlag() if jax.process_count() == 1 else None
     stop_after = config.get("stop_after_step") or None
     last_good = ckpt.latest_step()
     # config.debug_transfer_guard ('log' | 'disallow'; issue 6): the loop runs under
@@ -353,7 +357,8 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
         return state
     finally:
         guard.close()
-        sigterm.restore()
+        if sigterm is not None:
+            sigterm.restore()
         ckpt.wait()
         ckpt.close()
         writer.close()

@@ -158,7 +158,7 @@ def test_eurosat_b8a_is_reordered_and_device_resize_matches_pipeline():
 # ---- end to end: --weights on planted mock EuroSAT ---------------------------------------
 
 
-def _planted_eurosat(num_train=200, num_test=100, random_labels=False):
+def _planted_eurosat(num_train=200, num_test=100):
     """as_dataset_fn: class-dependent spectra (TIFF band order), different train/test draws."""
     mean = np.array([normalize.STATS["s2c"][b]["mean"] for b in evaluate.EUROSAT_BANDS])
     std = np.array([normalize.STATS["s2c"][b]["std"] for b in evaluate.EUROSAT_BANDS])
@@ -171,8 +171,6 @@ def _planted_eurosat(num_train=200, num_test=100, random_labels=False):
         label = rng.integers(0, 10, n)
         img = mean + std * (signature[label][:, None, None, :]
                             + 0.3 * rng.normal(size=(n, 64, 64, 13)))
-        if random_labels:
-            label = rng.permutation(label)
         return tf.data.Dataset.from_tensor_slices({
             "sentinel2": img.astype(np.float32), "label": label.astype(np.int64),
             "filename": np.array([f"{i}.tif" for i in range(n)])})
@@ -269,10 +267,11 @@ def test_online_knn_runs_without_recompiling(trained, monitored):
     np.testing.assert_allclose(np.asarray(feats), np.asarray(want), rtol=1e-4, atol=1e-4)
     assert monitor._run._cache_size() == 1
 
-    off = ml_collections.ConfigDict(config.to_dict())
-    off.eval.every_steps = 0
-    assert online_eval.OnlineKNN(off, None, method).maybe_run(2, states[1]) is None
-    assert monitor.maybe_run(3, states[1]) is None
+    other = ml_collections.ConfigDict(config.to_dict())
+    other.eval.every_steps = 0  # off
+    assert online_eval.OnlineKNN(other, None, method).maybe_run(2, states[1]) is None
+    other.eval.every_steps = 2
+    assert online_eval.OnlineKNN(other, monitor.mesh, method).maybe_run(3, states[1]) is None
 
 
 def test_workdir_bigearthnet_linear_end_to_end(trained):
@@ -286,6 +285,7 @@ def test_workdir_bigearthnet_linear_end_to_end(trained):
     assert result["num_train"] == 12 and result["num_test"] == 24
     assert result["num_classes"] == 19 and result["input"]["img_size"] == 16
     assert result["input"]["zero_filled_after_normalisation"] == ["B10"]
+    assert result["input"]["input_scale"] == 1.0  # uint16 reflectance x 10000, as TFDS
     saved = json.loads(open(os.path.join(workdir, "eval", "bigearthnet_linear_step2.json"))
                        .read())
     assert saved["metrics"] == result["metrics"]

@@ -473,3 +473,20 @@ def test_sharded_seasonal_equals_single_device(batch_negatives, num_chunks):
     (v_sh, g_sh), (v_one, g_one) = _sharded_vs_single(loss, q_b, keys_b, dummy, dummy)
     assert_close(v_sh, v_one, 1e-5)
     assert_close(g_sh, g_one, 1e-5)
+
+
+def test_all_zero_embedding_gives_finite_gradients():
+    """A collapsed (all-zero) query or key row must not turn the whole step into NaN."""
+    import jax
+    import jax.numpy as jnp
+    from softcon_jax import losses as L
+
+    q = jnp.zeros((4, 8)).at[1:].set(jax.random.normal(jax.random.key(0), (3, 8)))
+    k = jnp.zeros((4, 8)).at[:2].set(jax.random.normal(jax.random.key(1), (2, 8)))
+    labels = jnp.eye(4, 9)
+    for fn in (lambda q: L.infonce(q, k, temperature=0.2),
+               lambda q: L.soft_contrastive(q, k, labels, labels, temperature=0.2)):
+        value, grad = jax.value_and_grad(fn)(q)
+        assert jnp.isfinite(value)
+        # Finite, as torch's F.normalize (a zero row is scaled by 1/eps), never NaN.
+        assert bool(jnp.all(jnp.isfinite(grad)))

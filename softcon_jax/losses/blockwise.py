@@ -45,8 +45,10 @@ def _as_float(x: Any) -> jax.Array:
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     """Divides ``x`` by its L2 norm along ``axis`` (at least ``eps``, as torch's F.normalize)."""
     x = _as_float(x)
-    norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    # rsqrt of the clamped squared norm: same value as x / max(||x||, eps), but an all-zero
+    # row (e.g. a collapsed embedding) gets a zero gradient, where sqrt's would be NaN.
+    sq = jnp.sum(x * x, axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def check_num_chunks(num_chunks: Any) -> int:
