@@ -862,4 +862,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, ImportError) as e:  # user errors: no traceback
+        raise SystemExit(f"error: {e}") from None

@@ -9,37 +9,24 @@ import jax.numpy as jnp
 from softcon_jax import losses
 from softcon_jax.losses import registry
 
-# The code block of the README section "Adding a loss", character for character.
-README_EXAMPLE = '''\
-import jax
-import jax.numpy as jnp
+import os
+import re
 
-from softcon_jax import losses
-from softcon_jax.losses.blockwise import l2_normalize, logsumexp_rows
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "README.md")
 
 
-@losses.register("smoothed_infonce")
-def smoothed_infonce(q, k, *, temperature, smoothing=0.1, row_offset=0, num_chunks=1):
-    """InfoNCE with label smoothing: the target puts 1 - smoothing on the positive
-    column row_offset + i and spreads smoothing evenly over all N columns."""
-    a = l2_normalize(q) / temperature           # (n, D): this device's rows
-    k = jax.lax.stop_gradient(l2_normalize(k))  # (N, D): all columns, no gradient
-    positives = k[row_offset + jnp.arange(q.shape[0])]
-    target = (1 - smoothing) * positives + smoothing * jnp.mean(k, axis=0)
-    # Cross-entropy = logsumexp over the columns - the target-weighted logit.
-    # logsumexp_rows evaluates column blocks when num_chunks > 1.
-    lse = logsumexp_rows(a, k, num_chunks=num_chunks)
-    return jnp.mean(lse - jnp.sum(a * target, axis=1))
+def _readme_example() -> str:
+    """The python block of the README section "Adding a loss", as users read it."""
+    with open(README) as f:
+        text = f.read()
+    section = text.split("## Adding a loss", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks, "README.md: the 'Adding a loss' section has no python block"
+    return blocks[0]
 
 
-# The trainer looks the loss up by config.loss.name and calls it with what it has;
-# losses.call passes only the arguments the function declares (labels are dropped).
-loss_fn = losses.get("smoothed_infonce")
-q = jax.random.normal(jax.random.key(0), (8, 32))
-k = jax.random.normal(jax.random.key(1), (8, 32))
-value = losses.call(loss_fn, q, k, labels_q=None, labels_k=None, temperature=0.2,
-                    row_offset=0, num_chunks=2, smoothing=0.1)
-'''
+README_EXAMPLE = _readme_example()
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ one persistent XLA compilation cache, so only the first run of a layout pays for
 import glob
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -52,6 +53,11 @@ if SIGTERM_AT:
         write_scalars(self, step, scalars)
         if step == SIGTERM_AT:
             os.kill(os.getpid(), signal.SIGTERM)
+            if jax.process_count() > 1:
+                # JAX's preemption service tells the other processes over the network;
+                # give it a moment so the run cannot reach its last step first.
+                import time
+                time.sleep(2)
 
     train.MetricWriter.write_scalars = write_then_sigterm
 
@@ -287,12 +293,14 @@ def test_kill_during_async_save_keeps_previous_checkpoint(shared, straight, tmp_
 # ==== 3. Two processes, then one ===========================================================
 
 def test_two_process_run_resumes_on_one_process(shared, tmp_path):
-    """2 processes x 4 devices train and checkpoint; 1 process x 8 devices continues."""
-    workdir, stop = tmp_path / "run", 3
+    """2 processes x 4 devices train; SIGTERM to one of them stops and checkpoints both;
+    1 process x 8 devices continues from that checkpoint to the end."""
+    workdir = tmp_path / "run"
     port = portpicker.pick_unused_port()
-    procs = [_start(shared, workdir, f"--config.stop_after_step={stop}", devices=4,
+    # Only process 1 gets the preemption notice, after step 2.
+    procs = [_start(shared, workdir, devices=4, driver=True,
                     JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2,
-                    JAX_PROCESS_ID=i) for i in range(2)]
+                    JAX_PROCESS_ID=i, HOOK_SIGTERM_AT=2 if i == 1 else 0) for i in range(2)]
     try:
         logs = _finish(*procs)
     finally:
@@ -300,7 +308,11 @@ def test_two_process_run_resumes_on_one_process(shared, tmp_path):
             if p.poll() is None:
                 p.kill()
     assert "8 devices, 2 processes" in logs[0]
-    assert f"Stopped at step {stop}" in logs[0]
+    # Both processes stopped at the same step (JAX's preemption sync point) and saved it.
+    stops = [re.search(r"Stopped at step (\d+) \(preemption\)", log) for log in logs]
+    assert all(stops), logs[0][-3000:]
+    stop = int(stops[0].group(1))
+    assert int(stops[1].group(1)) == stop and 2 <= stop < K
     assert _steps(workdir) == [stop]
     # Every process took part in the checkpoint (each saved its own input position).
     data_dir = workdir / "checkpoints" / str(stop) / "data"
