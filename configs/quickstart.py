@@ -10,6 +10,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from softcon_jax import data as data_lib
+from softcon_jax import online_eval
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -72,5 +73,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=4 if test else 50, keep=3,
                                                   async_save=True))
+    # Online kNN on a held-out synthetic split (written on first use), every 50 steps.
+    c.eval = online_eval.default_config()
+    if not test:
+        c.eval.every_steps = 50
+        c.eval.data_path = "runs/quickstart/eval_data"
+        c.eval.synthetic = ml_collections.ConfigDict(dict(
+            num_locations=320, num_shards=1, image_size=40, bands=13, timesteps=4, seed=1))
     c.export = ml_collections.ConfigDict(dict(format="timm", which="teacher"))
     return c

@@ -16,6 +16,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from softcon_jax import data as data_lib
+from softcon_jax import online_eval
 
 NUM_LOCATIONS = 100_000  # SeCo-100k; use ~1M for SeCo-1M
 
@@ -70,5 +71,6 @@ def get_config(arg: str = "rn18") -> ml_collections.ConfigDict:
         name="step", warmup_steps=0, boundaries=(0.6, 0.8), decay_factor=0.1))
     c.teacher = ml_collections.ConfigDict(dict(momentum=0.999, momentum_end=0.999))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+    c.eval = online_eval.default_config()  # set eval.data_path to a held-out split to enable
     c.export = ml_collections.ConfigDict(dict(format="torchvision", which="teacher"))
     return c

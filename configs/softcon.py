@@ -15,10 +15,11 @@ import ml_collections
 from ml_collections import config_dict
 
 from softcon_jax import data as data_lib
+from softcon_jax import online_eval
 
 BACKBONES = {"rn50": "resnet50", "vits14": "vit_small_patch14_dinov2",
              "vitb14": "vit_base_patch14_dinov2"}
-CHANNELS = {"s2c": 13, "s2a": 13, "s1": 2}  # s2a gets a zero B10 band inserted (SoftCon)
+CHANNELS = {"s2c": 13, "s2a": 12, "s1": 2}
 NUM_LOCATIONS = 250_000  # SSL4EO-S12
 
 
@@ -87,5 +88,6 @@ def get_config(arg: str = "vits14,s2c") -> ml_collections.ConfigDict:
         name="cosine", warmup_steps=warmup_epochs * steps_per_epoch, end_factor=0.0))
     c.teacher = ml_collections.ConfigDict(dict(momentum=0.99, momentum_end=1.0))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
+    c.eval = online_eval.default_config()  # set eval.data_path to a held-out split to enable
     c.export = ml_collections.ConfigDict(dict(format="timm", which="teacher"))
     return c

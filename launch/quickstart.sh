@@ -17,14 +17,14 @@ WORKDIR="${WORKDIR:-runs/quickstart}"
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 
 .venv/bin/python -m softcon_jax.train --config configs/quickstart.py --workdir "$WORKDIR" \
-  --config.data.path="$WORKDIR/data" "$@"
+  --config.data.path="$WORKDIR/data" --config.eval.data_path="$WORKDIR/eval_data" "$@"
 .venv/bin/python -m softcon_jax.export --workdir "$WORKDIR" \
   --out "$WORKDIR/export/backbone.safetensors" --format timm
 
 cat <<MSG
 
 Done. Outputs in $WORKDIR/:
-  data/          synthetic ArrayRecord shards + metadata.json
+  data/          synthetic ArrayRecord shards + metadata.json (eval_data/: held-out kNN split)
   checkpoints/   Orbax checkpoints (train state, data iterator, config)
   tensorboard/   TensorBoard event files   (tensorboard --logdir $WORKDIR/tensorboard)
   export/        backbone.safetensors + backbone.safetensors.json (timm layout)

@@ -252,6 +252,13 @@ def _default_bands(in_channels: int, where: str) -> list[str]:
     return list(defaults[in_channels])
 
 
+def _checked_bands(bands: list[str], model: Any, where: str) -> list[str]:
+    if len(bands) != model.in_channels:
+        raise ValueError(f"{where}: band order {list(bands)} has {len(bands)} bands but the "
+                         f"model has {model.in_channels} input channels.")
+    return [canonical_band(b) for b in bands]
+
+
 def _make_normalizer(name: str | None, stats: Any, bands: list[str], where: str,
                      per_band: dict | None = None) -> normalize.Normalizer:
     if not name:
@@ -298,6 +305,7 @@ def load_from_workdir(workdir: str, step: int | None = None, which: str = "teach
             bands = list(meta["bands"])
         else:
             bands = _default_bands(int(d.in_channels), where)
+    bands = _checked_bands(bands, model, where)
     name = normalization or d.normalization
     stats = stats or d.get("stats")
     if stats == "dataset":
@@ -307,12 +315,12 @@ def load_from_workdir(workdir: str, step: int | None = None, which: str = "teach
         normalizer = _make_normalizer(name, stats, bands, where)
     if input_scale is None:
         input_scale = _input_scale(stats, meta.get("dtype"))
-    return Backbone(model, variables, [canonical_band(b) for b in bands], normalizer,
+    return Backbone(model, variables, bands, normalizer,
                     {"name": name, "stats": stats}, int(d.image_size), int(step),
                     os.path.abspath(workdir), float(input_scale))
 
 
-def _arch_kwargs(timm_name: str, timm_kwargs: dict) -> dict:
+def _arch_kwargs(timm_kwargs: dict) -> dict:
     """timm keyword arguments (sidecar) -> `build_backbone` overrides."""
     renames = {"layers": "stage_sizes", "channels": "widths"}
     return {renames.get(k, k): v for k, v in timm_kwargs.items()
@@ -347,19 +355,20 @@ def load_from_weights(path: str, *, normalization: str | None = None,
         raise ValueError(f"--img-size {img_size}: {arch} in {path} was built for "
                          f"img_size={meta['img_size']}.")
     model, variables = interop.import_torch(path, arch, in_chans, img_size=int(size),
-                                            **_arch_kwargs(arch, meta.get("timm_kwargs", {})))
+                                            **_arch_kwargs(meta.get("timm_kwargs", {})))
     where = f"--weights {path} ({sidecar_path})"
-    bands = bands or meta.get("band_order") or _default_bands(in_chans, where)
+    bands = _checked_bands(bands or meta.get("band_order") or _default_bands(in_chans, where),
+                           model, where)
     norm = meta.get("normalization") or {}
     if isinstance(norm, str):
         norm = {"name": norm}
     name = normalization or norm.get("name")
     stats = stats or norm.get("stats")
     per_band = norm.get("per_band") if not stats or stats == norm.get("stats") else None
-    normalizer = _make_normalizer(name, stats, list(bands), where, per_band)
+    normalizer = _make_normalizer(name, stats, bands, where, per_band)
     if input_scale is None:
         input_scale = meta.get("input_scale") or _input_scale(stats, meta.get("data_dtype"))
-    return Backbone(model, variables, [canonical_band(b) for b in bands], normalizer,
+    return Backbone(model, variables, bands, normalizer,
                     {"name": name, "stats": stats}, int(size),
                     int(step if step is not None else meta.get("step", 0) or 0),
                     os.path.abspath(path), float(input_scale))
@@ -757,7 +766,7 @@ def write_tensorboard(logdir: str, task: str, step: int, metrics: dict) -> None:
     writer = SummaryWriter(logdir)
     try:
         for name, value in metrics.items():
-            if isinstance(value, (int, float)) and np.isfinite(value):
+            if isinstance(value, float) and np.isfinite(value):  # counts stay in the JSON
                 writer.add_scalar(f"eval/{task}/{name}", float(value), step)
     finally:
         writer.close()
@@ -814,6 +823,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override the recorded input normalisation")
     p.add_argument("--stats", choices=sorted(normalize.STATS), default=None,
                    help="override the recorded normalisation statistics")
+    p.add_argument("--bands", default=None,
+                   help="comma-separated model band order, e.g. B1,B2,...,B12 (default: "
+                        "as recorded in the checkpoint's data or the sidecar)")
     p.add_argument("--input-scale", type=float, default=None,
                    help="multiply the datasets' values (reflectance x 10000) by this before "
                         "normalising (default: 1, or 255/10000 for SeCo uint8 pretraining)")
@@ -826,17 +838,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
+    bands = args.bands.split(",") if args.bands else None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.workdir:
         backbone = load_from_workdir(args.workdir, args.step, args.which,
                                      normalization=args.normalization, stats=args.stats,
-                                     input_scale=args.input_scale)
+                                     bands=bands, input_scale=args.input_scale)
         out = args.out or os.path.join(args.workdir, "eval",
                                        f"{args.task}_step{backbone.step}.json")
         tb_dir = args.tensorboard_dir or os.path.join(args.workdir, "tensorboard")
     else:
         backbone = load_from_weights(args.weights, normalization=args.normalization,
-                                     stats=args.stats, img_size=args.img_size,
+                                     stats=args.stats, bands=bands, img_size=args.img_size,
                                      step=args.step, input_scale=args.input_scale)
         out = args.out or f"{args.weights}.{args.task}.json"
         tb_dir = args.tensorboard_dir or os.path.join(

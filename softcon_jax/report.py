@@ -104,6 +104,7 @@ def _draw(panels: list[tuple[str, list[str], bool]], scalars: dict, path: str,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows, cols = _grid(len(panels))
     fig, axes = plt.subplots(rows, cols, figsize=(5.0 * cols, 3.4 * rows), squeeze=False)
@@ -116,6 +117,7 @@ def _draw(panels: list[tuple[str, list[str], bool]], scalars: dict, path: str,
             ax.plot(steps, values, marker=marker, markersize=3, linewidth=1.5, label=tag)
         ax.set_title(name)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         if log_scale and all(np.all(scalars[t][1] > 0) for t in tags):
             ax.set_yscale("log")

@@ -26,7 +26,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from softcon_jax import data, distributed, methods, optim, sharding
+from softcon_jax import data, distributed, methods, online_eval, optim, sharding
 from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
 from softcon_jax import metrics as metrics_lib
 from softcon_jax.metrics import MetricWriter, Progress
@@ -163,10 +163,10 @@ def continue_input_at(data_iter, step: int) -> None:
     """Moves a fresh input iterator to batch `step`, for a checkpoint of another layout.
 
     Each process reads batches of `global_batch_size / process_count` from its slice
-    `[i::process_count]` of the same globally shuffled order, so batch `step` of every
-    process starts at global position `step * global_batch_size`, whatever the process
-    count: the epoch goes on where the checkpoint left it, no sample skipped or repeated.
-    Only the augmentation draws differ from an unchanged run (they are seeded per process).
+    `[i::process_count]` of one globally shuffled order, so batch `step` of every process
+    starts at (about) global position `step * global_batch_size` whatever the process
+    count: the epoch goes on where the checkpoint left it. Augmentation draws differ from
+    an unchanged run (they are seeded per process).
     """
     logging.warning(
         "Checkpoint %d was written by another number of processes than this run's %d; its "
@@ -284,6 +284,7 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
 
     # --- loop -----------------------------------------------------------------------------
     step_fn = jit_train_step(config, method, tx, schedule, mesh, state_shardings)
+    monitor = online_eval.OnlineKNN(config, mesh, method)  # off unless config.eval asks
     writer = MetricWriter(workdir)
     progress = Progress(config.total_steps, config.global_batch_size, start)
     # One process: a Python SIGTERM handler sets a flag. Several: JAX's preemption service
@@ -338,6 +339,9 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
                 bad = check_finite(step)
                 writer.write_scalars(step, {**metrics, **timing, "train/nonfinite_steps": bad})
                 progress.report(step, float(metrics["loss/total"]), timing)
+            # Every process runs it: the kNN forward is one jitted function over the mesh.
+            if scalars := monitor.maybe_run(step, state):
+                writer.write_scalars(step, scalars)
 
             preempted = (ckpt.reached_preemption(step) if jax.process_count() > 1
                          else sigterm.received)
