@@ -44,6 +44,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true", help="PyTorch channels_last")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat each pair, alternating the order; medians are reported")
+    p.add_argument("--torch-first", action="store_true",
+                   help="run PyTorch before JAX in the first round (default JAX first)")
     p.add_argument("--json", default=None, help="also write all results to this file")
     p.add_argument("--smoke", action="store_true", help="both scripts in --smoke mode")
     args = p.parse_args(argv)
@@ -129,7 +131,8 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             order = [("jax", "train_step.py", jax_extra), ("torch", "torch_baseline.py",
                                                           torch_extra)]
-            for name, script, extra in (order if r % 2 == 0 else order[::-1]):
+            for name, script, extra in (order if (r + args.torch_first) % 2 == 0
+                                        else order[::-1]):
                 out = _run(script, case, args, extra)
                 infos[name] = out.get("info") or infos.get(name, {})
                 rows = out["results"]

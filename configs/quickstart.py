@@ -24,7 +24,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.global_batch_size = 16 if test else 64
     c.grad_accum_steps = 1
     c.log_every_steps = 2 if test else 10
-    c.nonfinite = "stop"  # or "skip": drop the step and go on
+    c.nonfinite = "stop"
+    c.debug_transfer_guard = config_dict.placeholder(str)  # "log"|"disallow": implicit copies
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
 
     c.data = data_lib.default_config()

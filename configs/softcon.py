@@ -43,6 +43,7 @@ def get_config(arg: str = "vits14,s2c") -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1
     c.log_every_steps = 50
     c.nonfinite = "stop"
+    c.debug_transfer_guard = config_dict.placeholder(str)  # 'log'|'disallow': implicit copies
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
 
     c.data = data_lib.default_config()
