@@ -83,6 +83,34 @@ def gathered_loss(loss_fn: Callable, mesh: Mesh, q, k, *, q_axis: int = 0, k_axi
         q, k, extra_local, extra_gathered, extra_replicated)
 
 
+def with_backbone(params, model_state, variables, ema_key: str):
+    """Trainable and EMA backbones (`model_state[ema_key]`) both start from `variables`."""
+    params = {**params, "backbone": variables["params"]}
+    ema_vars = {**model_state[ema_key]}
+    ema_vars["params"] = {**ema_vars["params"], "backbone": variables["params"]}
+    model_state = {**model_state, ema_key: ema_vars}
+    if "batch_stats" in variables:
+        stats = variables["batch_stats"]
+        model_state["batch_stats"] = {**model_state["batch_stats"], "backbone": stats}
+        ema_vars["batch_stats"] = {**ema_vars["batch_stats"], "backbone": stats}
+    return params, model_state
+
+
+def backbone_variables(params, model_state, ema_key: str, which: str):
+    """{'params', 'batch_stats'?} of the EMA ('teacher') or trained ('student') backbone."""
+    if which == "teacher":
+        src_params = model_state[ema_key]["params"]
+        src_stats = model_state[ema_key].get("batch_stats", {})
+    elif which == "student":
+        src_params, src_stats = params, model_state.get("batch_stats", {})
+    else:
+        raise ValueError(f"which={which!r}; expected 'teacher' or 'student'.")
+    variables = {"params": src_params["backbone"]}
+    if "backbone" in src_stats:
+        variables["batch_stats"] = src_stats["backbone"]
+    return variables
+
+
 def ema(teacher, student, momentum):
     return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher, student)
 

@@ -90,28 +90,10 @@ class SeCo:
 
     def with_backbone(self, params, model_state, variables):
         """Query and key backbones start from `variables` (e.g. ImageNet/DINO weights)."""
-        params = {**params, "backbone": variables["params"]}
-        key_vars = {**model_state["key_encoder"]}
-        key_vars["params"] = {**key_vars["params"], "backbone": variables["params"]}
-        model_state = {**model_state, "key_encoder": key_vars}
-        if "batch_stats" in variables:
-            stats = variables["batch_stats"]
-            model_state["batch_stats"] = {**model_state["batch_stats"], "backbone": stats}
-            key_vars["batch_stats"] = {**key_vars["batch_stats"], "backbone": stats}
-        return params, model_state
+        return common.with_backbone(params, model_state, variables, "key_encoder")
 
     def backbone_variables(self, model_state, params, which: str = "teacher"):
-        if which == "teacher":
-            src = model_state["key_encoder"]
-            src_params, src_stats = src["params"], src.get("batch_stats", {})
-        elif which == "student":
-            src_params, src_stats = params, model_state.get("batch_stats", {})
-        else:
-            raise ValueError(f"which={which!r}; expected 'teacher' or 'student'.")
-        variables = {"params": src_params["backbone"]}
-        if "backbone" in src_stats:
-            variables["batch_stats"] = src_stats["backbone"]
-        return variables
+        return common.backbone_variables(params, model_state, "key_encoder", which)
 
     # --- step --------------------------------------------------------------------------
 

@@ -69,28 +69,10 @@ class SoftCon:
 
     def with_backbone(self, params, model_state, variables):
         """Student and teacher backbones start from `variables` (continual pretraining)."""
-        params = {**params, "backbone": variables["params"]}
-        teacher = {**model_state["teacher"]}
-        teacher["params"] = {**teacher["params"], "backbone": variables["params"]}
-        model_state = {**model_state, "teacher": teacher}
-        if "batch_stats" in variables:
-            stats = variables["batch_stats"]
-            model_state["batch_stats"] = {**model_state["batch_stats"], "backbone": stats}
-            teacher["batch_stats"] = {**teacher["batch_stats"], "backbone": stats}
-        return params, model_state
+        return common.with_backbone(params, model_state, variables, "teacher")
 
     def backbone_variables(self, model_state, params, which: str = "teacher"):
-        if which == "teacher":
-            src_params = model_state["teacher"]["params"]
-            src_stats = model_state["teacher"].get("batch_stats", {})
-        elif which == "student":
-            src_params, src_stats = params, model_state.get("batch_stats", {})
-        else:
-            raise ValueError(f"which={which!r}; expected 'teacher' or 'student'.")
-        variables = {"params": src_params["backbone"]}
-        if "backbone" in src_stats:
-            variables["batch_stats"] = src_stats["backbone"]
-        return variables
+        return common.backbone_variables(params, model_state, "teacher", which)
 
     # --- step --------------------------------------------------------------------------
 
