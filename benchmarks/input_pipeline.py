@@ -6,7 +6,8 @@ grayscale, blur, flip, SoftCon normalisation). Measured in the same run:
 
 - ``grain``: this project's pipeline (Grain MapDataset over ArrayRecord,
   vectorised NumPy augmentations), with 0 worker processes (everything in the
-  main process, one thread) and with ``--workers`` processes;
+  main process, one thread) and with ``--workers`` processes; float32 views, and
+  bfloat16 views (what the trainer ships for a bf16 model: half the bytes);
 - ``reference-style``: a per-sample loop as the reference PyTorch loaders do
   it (decode, then per-band normalise / crop / resize / jitter / blur / flip
   in plain NumPy + SciPy, then stack), single process.
@@ -37,9 +38,9 @@ from softcon_jax.data import normalize, records  # noqa: E402
 
 
 def _grain_rate(path: str, size: int, channels: int, batch: int, batches: int, workers: int,
-                warmup: int) -> float:
+                warmup: int, dtype: str = "float32") -> float:
     cfg = data.default_config()
-    cfg.path, cfg.image_size, cfg.in_channels = path, size, channels
+    cfg.path, cfg.image_size, cfg.in_channels, cfg.dtype = path, size, channels, dtype
     cfg.num_workers, cfg.read_threads = workers, 1
     it = iter(data.build_dataset(cfg, global_batch_size=batch, seed=0))
     for _ in range(warmup):
@@ -134,31 +135,34 @@ def main() -> None:
                                    image_size=a.image_size, bands=13, timesteps=4)
     rec_mb = meta["timesteps"] * 13 * a.image_size ** 2 * 2 / 1e6
     rows = []
-    runs = [("grain + vectorised NumPy (ours)", 0), ("grain + vectorised NumPy (ours)", a.workers)]
-    for name, workers in runs:
+    ours = "grain + vectorised NumPy (ours)"
+    runs = [(ours, 0, "float32"), (ours, 0, "bfloat16"), (ours, a.workers, "float32")]
+    for name, workers, dtype in runs:
         rates = [_grain_rate(a.data, a.view_size, 13, a.batch_size, a.batches, workers,
-                             warmup=max(1, workers) * 2) for _ in range(a.repeats)]
-        rows.append((name, f"{workers} (main process)" if workers == 0 else str(workers),
-                     max(workers, 1), statistics.median(rates)))
+                             warmup=max(1, workers) * 2, dtype=dtype)
+                 for _ in range(a.repeats)]
+        rows.append((name, dtype, f"{workers} (main process)" if workers == 0 else
+                     str(workers), max(workers, 1), statistics.median(rates)))
     base = [_reference_rate(a.data, a.view_size, a.batch_size, a.batches)
             for _ in range(a.repeats)]
-    rows.append(("reference-style per-sample loop", "0 (main process)", 1,
+    rows.append(("reference-style per-sample loop", "float32", "0 (main process)", 1,
                  statistics.median(base)))
 
     machine = a.machine or f"{os.cpu_count()}-core CPU ({platform.machine()})"
     cmd = "python benchmarks/input_pipeline.py" + (" --smoke" if a.smoke else "")
     print(f"\nInput pipeline: {a.records} records of 4 x 13 x {a.image_size}^2 uint16 -> "
-          f"two {a.view_size}x{a.view_size}x13 float32 views; batch {a.batch_size}, "
+          f"two {a.view_size}x{a.view_size}x13 views; batch {a.batch_size}, "
           f"median of {a.repeats} x {a.batches} batches.")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"Command: `{cmd}`; machine: {machine}; load average during run: {load}.\n")
-    print("| pipeline | worker processes | records/s | records/s per worker "
-          "| MB/s per worker | vs baseline (per worker) |")
-    print("|---|---|---|---|---|---|")
-    ref = rows[-1][3]
-    for name, workers, n, rate in rows:
-        print(f"| {name} | {workers} | {rate:.1f} | {rate / n:.1f} | {rate / n * rec_mb:.1f} "
-              f"| {rate / n / ref:.2f}x |")
+    print("| pipeline | views | views MB/batch | worker processes | records/s "
+          "| records/s per worker | MB/s per worker | vs baseline (per worker) |")
+    print("|---|---|---:|---|---:|---:|---:|---:|")
+    ref = rows[-1][4]
+    for name, dtype, workers, n, rate in rows:
+        batch_mb = 2 * a.batch_size * a.view_size ** 2 * 13 * (2 if dtype == "bfloat16" else 4)
+        print(f"| {name} | {dtype} | {batch_mb / 1e6:.1f} | {workers} | {rate:.1f} "
+              f"| {rate / n:.1f} | {rate / n * rec_mb:.1f} | {rate / n / ref:.2f}x |")
 
 
 if __name__ == "__main__":

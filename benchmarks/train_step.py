@@ -10,7 +10,10 @@ and reports:
   after `--warmup` steps, each timed from the call to `block_until_ready` of its outputs;
 * dispatch: median time for the compiled call to return, before blocking (host overhead);
 * with `--pipelined` also steps issued back to back, and the trainer's loop pattern (a
-  fresh `host_batch_to_global` every step), to expose input-transfer and dispatch costs;
+  fresh host batch every step, placed on the devices by the trainer's `DevicePrefetcher`
+  thread, `config.prefetch_to_device` ahead), to expose input-transfer and dispatch costs;
+* views in the dtype the trainer ships them in: the model's compute dtype (bf16 halves the
+  host-to-device bytes; the first layer would round to it anyway);
 * compile: `jit(...).lower(...)` and `.compile()` timed separately; the compiled object is
   the one that runs;
 * peak memory per device: `device.memory_stats()['peak_bytes_in_use']` where the runtime
@@ -81,13 +84,16 @@ def _parse_args(argv=None) -> argparse.Namespace:
                         "(bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--num-devices", type=int, default=None,
                    help="use the first N devices (default: all)")
+    p.add_argument("--attention", default=None, choices=["cudnn"],
+                   help="ViT attention implementation (default XLA); cudnn: flash attention "
+                        "on NVIDIA GPUs in bf16")
     p.add_argument("--peak-flops", type=float, default=None,
                    help="peak FLOP/s per device for MFU (overrides the built-in table)")
     p.add_argument("--pipelined", action="store_true",
                    help="also time --steps steps issued back to back (one block at the end), "
                         "then the same with a fresh host->device batch per step as the "
-                        "trainer's loop does (JSON: pipelined_step_s, loop_step_s, "
-                        "host_to_device_ms)")
+                        "trainer's loop does, with and without device prefetch (JSON: "
+                        "pipelined_step_s, loop_step_s, loop_sync_step_s, host_to_device_ms)")
     p.add_argument("--no-isolate", action="store_true",
                    help="run every case in this process (by default several cases each get "
                         "a subprocess, so peak device memory is per case; --smoke implies "
@@ -111,7 +117,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- one case
 
 
-def _random_batch(method, rows: int, seed: int = 0) -> dict:
+def _random_batch(method, rows: int, view_dtype, seed: int = 0) -> dict:
     """Host-local random batch shaped like the method's input; labels are multi-hot."""
     import jax
     import numpy as np
@@ -123,8 +129,24 @@ def _random_batch(method, rows: int, seed: int = 0) -> dict:
         if name.startswith("labels"):
             batch[name] = (rng.random(spec.shape) < 0.3).astype(spec.dtype)
         else:
-            batch[name] = rng.standard_normal(spec.shape, dtype=np.float32).astype(spec.dtype)
+            batch[name] = rng.standard_normal(spec.shape, dtype=np.float32).astype(view_dtype)
     return batch
+
+
+class _Repeat:
+    """The same host batch forever, with the iterator state protocol of Grain."""
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+
+    def __next__(self) -> dict:
+        return self.batch
+
+    def get_state(self) -> dict:
+        return {}
+
+    def set_state(self, state) -> None:
+        del state
 
 
 def _peak_memory(devices, compiled) -> tuple[int | None, str]:
@@ -166,19 +188,23 @@ def measure_case(case: str, dtype: str, args, devices) -> dict:
     import jax
     import numpy as np
 
-    from softcon_jax import methods, optim, sharding, train
+    from softcon_jax import data, methods, optim, sharding, train
 
     n_dev = len(devices)
     local = [d for d in devices if d.process_index == jax.process_index()]
     config = train_cases.build_config(case, global_batch=args.per_device_batch * n_dev,
                                       image_size=args.image_size, dtype=dtype,
                                       smoke=args.smoke)
+    if args.attention and "attention" in config.model.backbone_kwargs:
+        config.model.backbone_kwargs.attention = args.attention
     mesh = sharding.make_mesh(config.mesh, devices)
     method = methods.get(config.method)(config, mesh)
     tx, schedule = optim.make_optimizer(config)
     init_fn, rng, _, shardings = train.create_train_state(config, method, tx, mesh)
     state = jax.block_until_ready(init_fn(rng))
-    host_batch = _random_batch(method, args.per_device_batch * len(local))
+    # As the trainer: views in config.data.dtype, else the model's compute dtype.
+    view_dtype = data.view_dtype(config.data.get("dtype") or config.model.dtype)
+    host_batch = _random_batch(method, args.per_device_batch * len(local), view_dtype)
     batch = jax.block_until_ready(sharding.host_batch_to_global(host_batch, mesh))
 
     step_fn = train.jit_train_step(config, method, tx, schedule, mesh, shardings)
@@ -202,7 +228,7 @@ def measure_case(case: str, dtype: str, args, devices) -> dict:
         dispatch_times.append(s1 - s0)
         step_times.append(s2 - s0)
 
-    pipelined = loop = h2d = None
+    pipelined = loop = loop_sync = h2d = None
     if args.pipelined:
         # Back to back, one block at the end: what the device sustains.
         s0 = time.perf_counter()
@@ -210,17 +236,30 @@ def measure_case(case: str, dtype: str, args, devices) -> dict:
             state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         pipelined = (time.perf_counter() - s0) / args.steps
-        # The trainer's pattern: a fresh host batch is placed on the devices every step.
+        # Host-to-device time of one batch, measured alone.
         h2d_times = []
-        s0 = time.perf_counter()
-        for _ in range(args.steps):
+        for _ in range(3):
             t = time.perf_counter()
-            fresh = sharding.host_batch_to_global(host_batch, mesh)
+            jax.block_until_ready(sharding.host_batch_to_global(host_batch, mesh))
             h2d_times.append(time.perf_counter() - t)
-            state, metrics = compiled(state, fresh)
-        jax.block_until_ready((state, metrics))
-        loop = (time.perf_counter() - s0) / args.steps
         h2d = 1e3 * statistics.median(h2d_times)
+        # The trainer's pattern: a fresh host batch every step, placed on the devices by
+        # the DevicePrefetcher thread while the previous steps run; baseline: placed in the
+        # loop's own thread (prefetch_to_device=0), as before the prefetcher.
+        loop = {}
+        for ahead in (0, config.prefetch_to_device):
+            batches = data.DevicePrefetcher(_Repeat(host_batch),
+                                            lambda b: sharding.host_batch_to_global(b, mesh),
+                                            ahead)
+            state, metrics = compiled(state, next(batches))  # starts the thread
+            jax.block_until_ready((state, metrics))
+            s0 = time.perf_counter()
+            for _ in range(args.steps):
+                state, metrics = compiled(state, next(batches))
+            jax.block_until_ready((state, metrics))
+            loop[ahead] = (time.perf_counter() - s0) / args.steps
+            batches.close()
+        loop_sync, loop = loop[0], loop[config.prefetch_to_device]
 
     loss = float(jax.device_get(metrics["loss/total"]))
     step_s = statistics.median(step_times)
@@ -232,13 +271,16 @@ def measure_case(case: str, dtype: str, args, devices) -> dict:
         "device_kind": devices[0].device_kind, "per_device_batch": args.per_device_batch,
         "global_batch": config.global_batch_size, "image_size": args.image_size,
         "in_channels": config.data.in_channels, "backbone": config.model.backbone,
+        "attention": config.model.backbone_kwargs.get("attention") or "xla",
         "optimizer": config.optimizer.name,
         "images_per_s": config.global_batch_size / step_s,
         "images_per_s_per_device": args.per_device_batch / step_s,
         "step_s": step_s, "step_s_all": step_times,
         "dispatch_ms": 1e3 * statistics.median(dispatch_times),
         "lower_s": t1 - t0, "compile_s": t2 - t1,
-        "pipelined_step_s": pipelined, "loop_step_s": loop, "host_to_device_ms": h2d,
+        "pipelined_step_s": pipelined, "loop_step_s": loop, "loop_sync_step_s": loop_sync,
+        "prefetch_to_device": config.prefetch_to_device, "host_to_device_ms": h2d,
+        "view_dtype": str(view_dtype),
         "batch_bytes_per_process": int(sum(x.nbytes for x in host_batch.values())),
         "peak_mem_bytes": mem, "mem_source": mem_source,
         "flops_per_step_per_device": flops,
@@ -262,7 +304,8 @@ def _print_row(row: dict) -> None:
           f"dispatch {row['dispatch_ms']:.2f} ms", flush=True)
     if row.get("pipelined_step_s"):
         print(f"  back to back {1e3 * row['pipelined_step_s']:.1f} ms/step; "
-              f"trainer loop (fresh batch each step) {1e3 * row['loop_step_s']:.1f} ms/step, "
+              f"trainer loop (fresh batch each step) {1e3 * row['loop_step_s']:.1f} ms/step "
+              f"with device prefetch, {1e3 * row['loop_sync_step_s']:.1f} ms/step without; "
               f"host->device {row['host_to_device_ms']:.2f} ms", flush=True)
 
 
@@ -313,6 +356,8 @@ def _run_isolated(args) -> tuple[list[dict], dict]:
                     cmd += ["--num-devices", str(args.num_devices)]
                 if args.peak_flops:
                     cmd += ["--peak-flops", str(args.peak_flops)]
+                if args.attention:
+                    cmd += ["--attention", args.attention]
                 proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True)
                 if os.path.exists(out):

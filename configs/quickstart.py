@@ -26,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = 2 if test else 10
     c.nonfinite = "stop"
     c.debug_transfer_guard = config_dict.placeholder(str)  # "log"|"disallow": implicit copies
+    c.prefetch_to_device = 2  # batches placed on the devices ahead, by a thread
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
 
     c.data = data_lib.default_config()

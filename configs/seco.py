@@ -37,6 +37,7 @@ def get_config(arg: str = "rn18") -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.nonfinite = "stop"
     c.debug_transfer_guard = config_dict.placeholder(str)  # 'log'|'disallow': implicit copies
+    c.prefetch_to_device = 2  # batches placed on the devices ahead, by a thread
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
 
     c.data = data_lib.default_config()

@@ -44,6 +44,7 @@ def get_config(arg: str = "vits14,s2c") -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.nonfinite = "stop"
     c.debug_transfer_guard = config_dict.placeholder(str)  # 'log'|'disallow': implicit copies
+    c.prefetch_to_device = 2  # batches placed on the devices ahead, by a thread
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
 
     c.data = data_lib.default_config()
@@ -57,7 +58,9 @@ def get_config(arg: str = "vits14,s2c") -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.backbone = BACKBONES[backbone]
-    c.model.backbone_kwargs = ml_collections.ConfigDict({"img_size": 224} if vit else {})
+    # ViT attention: None (XLA) or 'cudnn' (flash attention, NVIDIA GPUs in bf16).
+    c.model.backbone_kwargs = ml_collections.ConfigDict(
+        {"img_size": 224, "attention": config_dict.placeholder(str)} if vit else {})
     c.model.dtype = "bfloat16"
     c.model.batch_norm = "sync"
     c.model.mask_ratio = 0.0

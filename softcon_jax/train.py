@@ -181,6 +181,12 @@ def continue_input_at(data_iter, step: int) -> None:
             "count the checkpoint was written with.") from e
 
 
+@jax.jit
+def _window_mean(window: list[dict]) -> dict:
+    """Mean of each metric over the steps since the last log line (one device program)."""
+    return jax.tree.map(lambda *m: jnp.mean(jnp.stack(m)), *window)
+
+
 # ==== Preemption ==========================================================================
 
 class _SigtermFlag:
@@ -251,9 +257,12 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
 
     # --- data -----------------------------------------------------------------------------
     ensure_synthetic_data(config.data)
+    # Views leave the host in the model's compute dtype (unless config.data.dtype says
+    # otherwise): the first layer casts to it anyway, and bf16 halves the bytes to copy.
     dataset = data.build_dataset(config.data, global_batch_size=config.global_batch_size,
                                  seed=config.seed, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+                                 process_count=jax.process_count(),
+                                 dtype=config.data.get("dtype") or config.model.dtype)
     data_iter = iter(dataset)
 
     # --- model and optimizer --------------------------------------------------------------
@@ -284,6 +293,12 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
 
     # --- loop -----------------------------------------------------------------------------
     step_fn = jit_train_step(config, method, tx, schedule, mesh, state_shardings)
+    # A background thread reads and places batches on the devices, prefetch_to_device
+    # ahead, so this thread only dispatches steps. Its get_state() is the input position
+    # of the batches consumed so far: that is what checkpoints store.
+    batches = data.DevicePrefetcher(
+        data_iter, lambda b: sharding.host_batch_to_global(b, mesh),
+        int(config.get("prefetch_to_device", 2)))
     monitor = online_eval.OnlineKNN(config, mesh, method)  # off unless config.eval asks
     writer = MetricWriter(workdir)
     progress = Progress(config.total_steps, config.global_batch_size, start)
@@ -302,8 +317,9 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
     if config.get("debug_transfer_guard"):
         guard.enter_context(jax.transfer_guard(config.debug_transfer_guard))
 
-    def check_finite(step):
-        bad = int(jax.device_get(state.num_nonfinite))
+    def check_finite(step, bad=None):
+        if bad is None:
+            bad = int(jax.device_get(state.num_nonfinite))
         if bad and config.nonfinite == "stop":
             raise NonFiniteError(
                 f"Non-finite loss or gradient in {bad} step(s) up to step {step}; those "
@@ -314,15 +330,14 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
     def save(step):
         nonlocal last_good
         check_finite(step)
-        ckpt.save(step, state, data_iter, config)
+        ckpt.save(step, state, batches, config)
         last_good = step
 
     try:
         step, window = start, []  # window: metrics since the last log line, averaged there
         t_compile = time.perf_counter()
         while step < config.total_steps:
-            batch = sharding.host_batch_to_global(next(data_iter), mesh)
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, next(batches))
             step += 1
             if step == start + 1:
                 jax.block_until_ready(state)
@@ -332,11 +347,11 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
 
             window.append(metrics)  # device arrays: no host sync until the log step
             if step % config.log_every_steps == 0 or step == config.total_steps:
-                metrics = jax.device_get(jax.tree.map(lambda *m: jnp.mean(jnp.stack(m)),
-                                                      *window))
+                # One fetch of the window's means and the non-finite count.
+                metrics, bad = jax.device_get((_window_mean(window), state.num_nonfinite))
                 window.clear()
                 timing = progress.timing(step)
-                bad = check_finite(step)
+                bad = check_finite(step, int(bad))
                 writer.write_scalars(step, {**metrics, **timing, "train/nonfinite_steps": bad})
                 progress.report(step, float(metrics["loss/total"]), timing)
             # Every process runs it: the kNN forward is one jitted function over the mesh.
@@ -361,6 +376,7 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
         return state
     finally:
         guard.close()
+        batches.close()
         if sigterm is not None:
             sigterm.restore()
         ckpt.wait()

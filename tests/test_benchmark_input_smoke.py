@@ -15,7 +15,10 @@ def test_input_pipeline_smoke(tmp_path):
         env=dict(os.environ, PYTHONPATH=REPO))
     assert out.returncode == 0, out.stderr[-2000:]
     table = [line for line in out.stdout.splitlines() if line.startswith("|")]
-    assert table[0].startswith("| pipeline | worker processes | records/s")
-    assert len(table) == 5  # header, rule, ours x2, reference-style baseline
+    assert table[0].startswith("| pipeline | views | views MB/batch | worker processes |")
+    assert len(table) == 6  # header, rule, ours x3, reference-style baseline
     assert "reference-style per-sample loop" in table[-1]
-    assert all(float(row.split("|")[3]) > 0 for row in table[2:])
+    rows = [[c.strip() for c in row.strip("|").split("|")] for row in table[2:]]
+    assert [r[1] for r in rows] == ["float32", "bfloat16", "float32", "float32"]
+    assert float(rows[1][2]) * 2 == float(rows[0][2])  # bf16 views: half the bytes
+    assert all(float(r[4]) > 0 for r in rows)  # records/s

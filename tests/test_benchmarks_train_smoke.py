@@ -48,7 +48,7 @@ def _check_rows(results, framework, devices, batch):
 
 def test_jax_train_step_smoke(tmp_path):
     out = tmp_path / "jax.json"
-    stdout = _run("train_step.py", "--smoke", "--json", str(out), devices=2)
+    stdout = _run("train_step.py", "--smoke", "--pipelined", "--json", str(out), devices=2)
     rows = _table_cases(stdout)
     assert [r[0] for r in rows] == CASES and all(r[1] == "jax" for r in rows)
     assert all(float(r[5]) > 0 for r in rows)  # images/s column
@@ -58,6 +58,10 @@ def test_jax_train_step_smoke(tmp_path):
     for r in result["results"]:
         assert r["lower_s"] > 0 and r["compile_s"] > 0
         assert r["flops_per_step_per_device"] > 0  # from compiled.cost_analysis()
+        # --pipelined: back to back, and the trainer's loop with and without device prefetch
+        assert r["pipelined_step_s"] > 0 and r["host_to_device_ms"] > 0
+        assert r["loop_step_s"] > 0 and r["loop_sync_step_s"] > 0
+        assert r["prefetch_to_device"] == 2 and r["view_dtype"] == "float32"
         assert r["mfu"] is None  # no CPU peak in the table and no --peak-flops
         assert r["dtype"] == "float32"  # auto on CPU
 

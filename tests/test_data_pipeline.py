@@ -170,15 +170,53 @@ def test_worker_processes_give_the_same_batches(syn_dir):
     assert _same(a, b)
 
 
-def test_to_global_arrays_builds_sharded_batch(syn_dir):
+def test_host_batch_to_global_builds_sharded_batch(syn_dir):
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from softcon_jax import sharding
 
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
     b = next(iter(data.build_dataset(_cfg(syn_dir), global_batch_size=8, seed=0)))
-    g = data.to_global_arrays(b, NamedSharding(mesh, P("data")))
+    g = sharding.host_batch_to_global(b, mesh)
     assert g["view1"].shape == (8, 8, 8, 13) and len(g["view1"].addressable_shards) == 8
+    assert g["view1"].sharding.is_equivalent_to(sharding.batch_sharding(mesh), 4)
     np.testing.assert_array_equal(np.asarray(g["labels2"]), b["labels2"])
+    assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize("views", ["softcon", "seco"])
+def test_bfloat16_views_are_the_float32_views_rounded(syn_dir, views):
+    # Shipping bf16 must be lossless for a bf16 model: exactly the float32 view, rounded.
+    import ml_dtypes
+
+    f32 = _take(iter(data.build_dataset(_cfg(syn_dir, views=views), global_batch_size=4,
+                                        seed=3)), 2)
+    b16 = _take(iter(data.build_dataset(_cfg(syn_dir, views=views), global_batch_size=4,
+                                        seed=3, dtype="bfloat16")), 2)
+    image_keys = ["view1", "view2"] if views == "softcon" else ["q", "k0", "k1", "k2"]
+    for a, b in zip(f32, b16):
+        assert sorted(a) == sorted(b)
+        for k in a:
+            if k in image_keys:
+                assert b[k].dtype == ml_dtypes.bfloat16 and b[k].nbytes * 2 == a[k].nbytes
+                np.testing.assert_array_equal(b[k], a[k].astype(ml_dtypes.bfloat16))
+            else:  # labels keep their dtype
+                assert b[k].dtype == a[k].dtype
+                np.testing.assert_array_equal(b[k], a[k])
+
+
+def test_view_dtype_from_config_and_worker_processes(syn_dir):
+    import ml_dtypes
+
+    it = iter(data.build_dataset(_cfg(syn_dir, dtype="bfloat16", num_workers=1),
+                                 global_batch_size=4, seed=0))
+    b = next(it)
+    it.close()
+    assert b["view1"].dtype == ml_dtypes.bfloat16 and b["labels1"].dtype == np.float32
+
+
+def test_unknown_view_dtype_names_the_config_key(syn_dir):
+    with pytest.raises(ValueError, match=r"data_config.dtype='int8'.*bfloat16"):
+        data.build_dataset(_cfg(syn_dir, dtype="int8"), global_batch_size=4, seed=0)
 
 
 # ----------------------------------------------------------------------------- augmentations

@@ -173,6 +173,14 @@ def test_resnet_rejects_masking():
                        variables, x)
 
 
+def test_unknown_attention_implementation_names_the_config_key():
+    model = models.build_backbone("vit_small_patch14_dinov2", in_channels=3,
+                                  attention="flash", **TINY["vit_small_patch14_dinov2"])
+    x = _image(model, batch=2)
+    with pytest.raises(ValueError, match=r"attention='flash'.*backbone_kwargs.attention"):
+        jax.eval_shape(lambda k, x: model.init(k, x), jax.random.key(0), x)
+
+
 def test_drop_path_needs_rng_and_is_identity_in_eval():
     model = models.build_backbone("vit_small_patch14_dinov2", in_channels=2,
                                   drop_path_rate=0.5, **TINY["vit_small_patch14_dinov2"])

@@ -115,6 +115,60 @@ def test_stop_after_step_and_resume_matches_uninterrupted(tmp_path):
     assert glob.glob(str(tmp_path / "resumed" / "tensorboard" / "events.out.tfevents.*"))
 
 
+def test_bfloat16_batch_gives_the_same_step_as_float32_for_a_bfloat16_model():
+    # The trainer ships views in the model's compute dtype (config.data.dtype unset): for a
+    # bf16 model that must change nothing, since the first layer rounds to bf16 anyway.
+    import ml_dtypes
+
+    config = _test_config(**{"model.dtype": "bfloat16"})
+    batch = _random_batch(config)
+    state32, metrics32 = _one_step(config, jax.devices(), batch)
+    b16 = {k: v.astype(ml_dtypes.bfloat16) if k.startswith("view") else v
+           for k, v in batch.items()}
+    state16, metrics16 = _one_step(config, jax.devices(), b16)
+    np.testing.assert_allclose(metrics16["loss/total"], metrics32["loss/total"], rtol=1e-6)
+    _assert_trees_close(state16, state32, rtol=1e-6)
+
+
+def test_loop_syncs_with_the_devices_only_at_log_and_checkpoint_steps(tmp_path, monkeypatch):
+    # Issue 9: no device-to-host synchronisation inside the loop except at logging steps
+    # (and checkpoint steps, and the first step, which reports the compile time).
+    import threading
+
+    config = _test_config(**{"data.path": str(tmp_path / "data"), "total_steps": 9,
+                             "log_every_steps": 3, "checkpoint.every_steps": 9})
+    calls = {"steps": 0}
+    synced_at = []
+    jit_train_step = train.jit_train_step
+
+    def counting_jit_train_step(*args, **kwargs):
+        step_fn = jit_train_step(*args, **kwargs)
+
+        def counted(*a):
+            calls["steps"] += 1
+            return step_fn(*a)
+        return counted
+
+    def recording(fn):
+        def wrapper(*a, **k):
+            if threading.current_thread() is threading.main_thread():
+                synced_at.append(calls["steps"])
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(train, "jit_train_step", counting_jit_train_step)
+    for name in ("device_get", "block_until_ready"):
+        monkeypatch.setattr(jax, name, recording(getattr(jax, name)))
+    # Every implicit conversion (np.asarray, float(), .item(), ...) reads ArrayImpl._value.
+    from jax._src.array import ArrayImpl
+    monkeypatch.setattr(ArrayImpl, "_value", property(recording(ArrayImpl._value.fget)))
+    train.train(config, str(tmp_path / "run"))
+    assert calls["steps"] == 9
+    # Set-up before the first step (0) may sync; then only the first step (compile time),
+    # the log steps 3, 6, 9 and the checkpoint step 9.
+    assert {s for s in synced_at if s > 0} == {1, 3, 6, 9}, synced_at
+
+
 def test_mesh_that_does_not_divide_batch_is_a_clear_error():
     config = _test_config(global_batch_size=12)
     mesh = sharding.make_mesh(config.mesh)

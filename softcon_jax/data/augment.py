@@ -150,12 +150,13 @@ def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
 
 def make_view(image: np.ndarray, rng: np.random.Generator, *, size: int, normalizer,
               params: AugmentParams, crop_only: bool = False, blur_prob: float = 0.0,
-              quantile_bounds: np.ndarray | None = None) -> np.ndarray:
-    """One view (size, size, C) float32 from a raw (C, H, W) record image.
+              quantile_bounds: np.ndarray | None = None, dtype=np.float32) -> np.ndarray:
+    """One view (size, size, C) of ``dtype`` from a raw (C, H, W) record image.
 
     Random resized crop of the raw image, normalisation of the cropped region,
     bilinear resize; then, unless ``crop_only``: jitter, grayscale, blur, flip
-    with the probabilities of ``params``.
+    with the probabilities of ``params``. All in float32; the cast to ``dtype`` (e.g.
+    bfloat16, half the bytes to copy) is part of the final contiguous copy.
     """
     _, h, w = image.shape
     top, left, ch, cw = sample_crop_box(rng, h, w, params.crop_scale, params.crop_ratio)
@@ -174,4 +175,4 @@ def make_view(image: np.ndarray, rng: np.random.Generator, *, size: int, normali
             x = gaussian_blur(x, float(rng.uniform(*params.blur_sigma)))
         if rng.random() < params.hflip_prob:
             x = hflip(x)
-    return np.ascontiguousarray(x)
+    return np.ascontiguousarray(x, dtype=dtype)

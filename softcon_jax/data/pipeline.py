@@ -54,6 +54,8 @@ def default_config() -> ml_collections.ConfigDict:
         "views": "softcon",          # 'softcon' | 'seco' (registry)
         "image_size": 224,           # output views are image_size x image_size
         "in_channels": 13,           # must equal the number of (selected) bands
+        "dtype": ph(str),            # views' dtype; None = float32, or in the trainer the
+                                     # model's compute dtype (config.model.dtype)
         "bands": ph(tuple),          # None = all bands of the metadata, or band names
         "normalization": "softcon",  # 'softcon' | 'zscore' | 'seco_quantile'
         "stats": "s2c",              # 's2c' | 's2a' | 's1' | 'seco' | 'dataset' (measured)
@@ -110,8 +112,10 @@ class _ViewsBase(grain.transforms.RandomMap):
     """Decodes a record and builds views; subclasses define ``views``."""
 
     def __init__(self, *, size: int, band_index: np.ndarray | None,
-                 normalizer: normalize.Normalizer, params: augment.AugmentParams):
+                 normalizer: normalize.Normalizer, params: augment.AugmentParams,
+                 dtype: np.dtype = np.dtype(np.float32)):
         self.size = size
+        self.dtype = dtype
         self.band_index = band_index
         self.normalizer = normalizer
         self.params = params
@@ -124,7 +128,8 @@ class _ViewsBase(grain.transforms.RandomMap):
               blur_prob: float = 0.0, bounds: np.ndarray | None = None) -> np.ndarray:
         return augment.make_view(img, rng, size=self.size, normalizer=self.normalizer,
                                  params=self.params, crop_only=crop_only,
-                                 blur_prob=blur_prob, quantile_bounds=bounds)
+                                 blur_prob=blur_prob, quantile_bounds=bounds,
+                                 dtype=self.dtype)
 
     def _blur(self, i: int) -> float:
         return self.params.blur_prob[i % len(self.params.blur_prob)]
@@ -140,7 +145,7 @@ class _ViewsBase(grain.transforms.RandomMap):
 class SoftConViews(_ViewsBase):
     """Two views from two distinct random seasons, each with its season's labels.
 
-    Keys: ``view1``, ``view2`` (S, S, C) float32; ``labels1``, ``labels2`` (9,)
+    Keys: ``view1``, ``view2`` (S, S, C) in the pipeline's dtype; ``labels1``, ``labels2`` (9,)
     float32 multi-hot (all zeros for an unlabelled season).
     """
 
@@ -222,8 +227,27 @@ def _measured_stats(data_config: Any, meta: dict, bands: list[str],
     return normalize.dataset_stats(images, bands)
 
 
-def build_views_transform(data_config: Any, meta: dict, meta_path: str) -> _ViewsBase:
-    """The per-sample RandomMap (decode + views) described by ``data_config``."""
+VIEW_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def view_dtype(name: str | None, key: str = "data_config.dtype") -> np.dtype:
+    """numpy dtype of the views (bfloat16 from ml_dtypes); None means float32."""
+    name = name or "float32"
+    if name not in VIEW_DTYPES:
+        raise ValueError(f"{key}={name!r}: expected one of {VIEW_DTYPES}")
+    if name == "bfloat16":
+        import ml_dtypes  # a jax dependency
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def build_views_transform(data_config: Any, meta: dict, meta_path: str,
+                          dtype: str | None = None) -> _ViewsBase:
+    """The per-sample RandomMap (decode + views) described by ``data_config``.
+
+    Views are produced in ``dtype`` (default ``data_config.dtype``, else float32): the
+    augmentations run in float32, the cast is their last pass.
+    """
     views = data_config.views
     if views not in _VIEWS:
         raise ValueError(f"data_config.views={views!r}: expected one of {available_views()}")
@@ -234,12 +258,17 @@ def build_views_transform(data_config: Any, meta: dict, meta_path: str) -> _View
     norm = normalize.make_normalizer(data_config.normalization, stats, bands)
     params = resolve_augment(views, data_config.get("augment"))
     return _VIEWS[views](size=int(data_config.image_size), band_index=index,
-                         normalizer=norm, params=params)
+                         normalizer=norm, params=params,
+                         dtype=view_dtype(dtype or data_config.get("dtype")))
 
 
 def build_dataset(data_config: Any, *, global_batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                  process_index: int = 0, process_count: int = 1,
+                  dtype: str | None = None) -> grain.IterDataset:
     """Infinite ``grain.IterDataset`` of host-local batches (dicts of numpy).
+
+    Image views are ``dtype`` (float32, bfloat16, float16; default ``data_config.dtype``,
+    else float32); labels are float32.
 
     Each host gets ``global_batch_size // process_count`` samples per batch from
     its slice ``[process_index::process_count]`` of the globally shuffled data.
@@ -254,7 +283,7 @@ def build_dataset(data_config: Any, *, global_batch_size: int, seed: int,
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, {process_count})")
     meta, meta_path = load_metadata(data_config.path)
-    transform = build_views_transform(data_config, meta, meta_path)
+    transform = build_views_transform(data_config, meta, meta_path, dtype)
     paths = [os.path.join(data_config.path, s) for s in meta["shards"]]
     for p in paths:
         if not epath.Path(p).exists():
@@ -288,8 +317,3 @@ def _ensure_absl_flags_parsed() -> None:
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
-
-def to_global_arrays(batch: dict, sharding: Any) -> dict:
-    """Host-local numpy batch -> global ``jax.Array``s (leading axis = batch)."""
-    import jax
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -35,10 +35,15 @@ def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with fused qkv (timm layout: [q | k | v], heads inner)."""
+    """Multi-head self-attention with fused qkv (timm layout: [q | k | v], heads inner).
+
+    `implementation`: None (XLA: einsum, float32 softmax, einsum; any device) or 'cudnn'
+    (cuDNN flash attention through `jax.nn.dot_product_attention`; NVIDIA GPUs, bf16/fp16).
+    """
 
     num_heads: int
     dtype: Dtype = jnp.float32
+    implementation: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -46,11 +51,17 @@ class Attention(nn.Module):
         head_dim = d // self.num_heads
         qkv = _dense(3 * d, self.dtype, "qkv")(x).reshape(b, n, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (b, n, h, hd)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim ** -0.5, k)
-        # Softmax in float32 so bf16 compute stays stable.
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-        y = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d)
-        return _dense(d, self.dtype, "proj")(y)
+        if self.implementation == "cudnn":
+            y = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        elif self.implementation is None:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim ** -0.5, k)
+            # Softmax in float32 so bf16 compute stays stable.
+            attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+            y = jnp.einsum("bhqk,bkhd->bqhd", attn, v)
+        else:
+            raise ValueError(f"attention={self.implementation!r}: expected None (XLA) or "
+                             "'cudnn' (config.model.backbone_kwargs.attention).")
+        return _dense(d, self.dtype, "proj")(y.reshape(b, n, d))
 
 
 class Mlp(nn.Module):
@@ -75,13 +86,14 @@ class Block(nn.Module):
     init_values: float = 1e-5
     drop_path: float = 0.0
     dtype: Dtype = jnp.float32
+    attention: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         d = x.shape[-1]
         dp = DropPath(self.drop_path)
         y = _layer_norm(self.dtype, "norm1")(x)
-        y = Attention(self.num_heads, self.dtype, name="attn")(y)
+        y = Attention(self.num_heads, self.dtype, self.attention, name="attn")(y)
         x = x + dp(LayerScale(self.init_values, name="ls1")(y), train=train)
         y = _layer_norm(self.dtype, "norm2")(x)
         y = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(y)
@@ -118,6 +130,8 @@ class VisionTransformer(nn.Module):
       drop_path_rate: stochastic depth, linear over depth as timm; > 0 needs a 'dropout' rng
         in train mode.
       dtype: compute dtype (parameters stay float32).
+      attention: None (XLA, the default) or 'cudnn' (cuDNN flash attention through
+        `jax.nn.dot_product_attention`: NVIDIA GPUs, bf16 compute; not CPU/TPU/float32).
     """
 
     arch: str = "vit_small_patch14_dinov2"
@@ -132,6 +146,7 @@ class VisionTransformer(nn.Module):
     drop_path_rate: float = 0.0
     bn_groups: int = 1  # accepted for a uniform build_backbone signature; a ViT has no BN
     dtype: Dtype = jnp.float32
+    attention: str | None = None
 
     @property
     def grid_size(self) -> int:
@@ -172,7 +187,8 @@ class VisionTransformer(nn.Module):
         # A list attribute names its modules blocks_0, blocks_1, ... (torch blocks.0, ...).
         self.blocks = [
             Block(self.num_heads, self.mlp_ratio, self.init_values,
-                  self.drop_path_rate * i / max(self.depth - 1, 1), self.dtype)
+                  self.drop_path_rate * i / max(self.depth - 1, 1), self.dtype,
+                  self.attention)
             for i in range(self.depth)]
         self.norm = _layer_norm(self.dtype, None)
 
