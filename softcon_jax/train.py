@@ -28,6 +28,7 @@ from ml_collections import config_flags
 
 from softcon_jax import data, distributed, methods, online_eval, optim, sharding
 from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
+from softcon_jax.methods.common import compute_dtype
 from softcon_jax import metrics as metrics_lib
 from softcon_jax.metrics import MetricWriter, Progress
 
@@ -239,6 +240,8 @@ def validate(config, mesh):
         if config.global_batch_size % accum:
             raise ValueError(f"config.global_batch_size={config.global_batch_size} is not "
                              f"divisible by config.grad_accum_steps={accum}.")
+    compute_dtype(config)  # config.model.dtype
+    data.view_dtype(config.data.get("dtype"), key="config.data.dtype")
     if config.nonfinite not in ("stop", "skip"):
         raise ValueError(f"config.nonfinite={config.nonfinite!r}; expected 'stop' or 'skip'.")
     if config.global_batch_size % jax.process_count():

@@ -20,3 +20,21 @@ def test_loss_scaling_smoke():
     row = lines[header + 2].split("|")
     assert row[1].strip() == "soft_ce" and row[2].strip() == "256"
     assert "error" not in lines[header + 2] and "n/a" not in lines[header + 2]
+
+
+def test_train_loop_smoke():
+    # The real trainer loop with and without device prefetch, on 2 simulated devices.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "train_loop.py"), "--smoke"],
+        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines)
+                  if line.startswith("| prefetch_to_device | step (ms) |"))
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[header + 2:]
+            if line.startswith("|")]
+    assert [r[0] for r in rows] == ["0", "2"]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+    assert rows[0][3] == "1.00x"  # the baseline is the first row

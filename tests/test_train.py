@@ -190,3 +190,13 @@ def test_unknown_names_list_the_alternatives():
         methods.get("nope")
     with pytest.raises(ValueError, match=r"config.optimizer.name='adam'.*adamw"):
         optim.make_optimizer(_test_config(**{"optimizer.name": "adam"}))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.dtype", "float16", r"config.model.dtype='float16'.*bfloat16"),
+    ("data.dtype", "uint8", r"config.data.dtype='uint8'.*bfloat16"),
+])
+def test_bad_dtypes_fail_before_anything_runs(key, value, message):
+    config = _test_config(**{key: value})
+    with pytest.raises(ValueError, match=message):
+        train.validate(config, sharding.make_mesh(config.mesh))
