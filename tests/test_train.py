@@ -200,3 +200,13 @@ def test_bad_dtypes_fail_before_anything_runs(key, value, message):
     config = _test_config(**{key: value})
     with pytest.raises(ValueError, match=message):
         train.validate(config, sharding.make_mesh(config.mesh))
+
+
+def test_device_prefetch_does_not_change_the_run(tmp_path):
+    # The prefetch thread only moves where batches are placed on the devices, not which.
+    data_path = str(tmp_path / "data")
+    runs = [_params_of_run(tmp_path / f"prefetch_{n}",
+                           _test_config(**{"data.path": data_path, "prefetch_to_device": n}))
+            for n in (0, 3)]
+    for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
+        np.testing.assert_array_equal(a, b)
