@@ -38,3 +38,16 @@ def test_train_loop_smoke():
     assert [r[0] for r in rows] == ["0", "2"]
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
     assert rows[0][3] == "1.00x"  # the baseline is the first row
+
+
+def test_dispatch_smoke():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "dispatch.py"), "--smoke"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in proc.stdout.splitlines() if line.startswith("| ") and "leaves" not in line]
+    assert [r[0] for r in rows] == ["1", "10"]
+    assert all(float(r[1]) > 0 for r in rows) and rows[0][3] == "1.0x"
