@@ -13,13 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import timm
 import torch
 import torchvision
-from flax.traverse_util import flatten_dict, unflatten_dict
+import helpers
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file as load_torch
 from timm.layers import resample_abs_pos_embed
@@ -35,18 +34,7 @@ TINY_VIT = dict(embed_dim=64, depth=2, num_heads=2)
 
 def random_variables(model, seed=0):
     """Random float32 Flax variables with non-trivial BN statistics and LayerScale gammas."""
-    shapes = interop.abstract_variables(model)
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, s in flatten_dict(shapes).items():
-        if path[-1] in ("var", "scale", "gamma"):
-            a = rng.uniform(0.5, 1.5, s.shape)
-        elif path[-1] == "kernel":
-            a = rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))
-        else:
-            a = rng.normal(size=s.shape) * 0.1
-        out[path] = jnp.asarray(a, jnp.float32)
-    return unflatten_dict(out)
+    return helpers.random_variables(interop.abstract_variables(model), seed)
 
 
 def randomize_torch(module: torch.nn.Module, seed=0) -> None:

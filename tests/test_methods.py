@@ -7,6 +7,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+import helpers
 from configs import quickstart, seco
 from softcon_jax import interop, methods, optim, sharding, train
 
@@ -30,13 +31,7 @@ def _seco_config(tmp_path=None, **overrides):
     c.model.head.hidden_dim, c.model.head.out_dim = 32, 16
     c.loss.queue_size = 32
     c.checkpoint.every_steps = 100
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        target = c
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return helpers.set_dotted(c, overrides)
 
 
 def _seco_batch(config, seed=0):

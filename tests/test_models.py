@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import flatten_dict
 
+import helpers
 from softcon_jax import models
 from softcon_jax.models import heads
 from softcon_jax.models.layers import BatchNorm
@@ -26,22 +27,9 @@ TINY = {
 
 
 def random_variables(model, x, seed=0):
-    """Random float32 variables of the model's shapes (faster than tracing its initialisers).
-
-    Non-trivial BN statistics and LayerScale gammas (init 1e-5 would hide the blocks).
-    """
+    """Random float32 variables of the model's shapes for input x (see helpers)."""
     shapes = jax.eval_shape(lambda k, x: model.init(k, x), jax.random.key(0), x)
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, s in flatten_dict(shapes).items():
-        if path[-1] in ("var", "scale", "gamma"):
-            a = rng.uniform(0.5, 1.5, s.shape)
-        elif path[-1] == "kernel":
-            a = rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))
-        else:
-            a = rng.normal(size=s.shape) * 0.1
-        out[path] = jnp.asarray(a, jnp.float32)
-    return unflatten_dict(out)
+    return helpers.random_variables(shapes, seed)
 
 
 def _image(model, batch=4, seed=0):

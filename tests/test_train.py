@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+import helpers
 from configs import quickstart
 from softcon_jax import methods, optim, sharding, train
 
@@ -14,13 +15,7 @@ from softcon_jax import methods, optim, sharding, train
 def _test_config(**overrides):
     config = quickstart.get_config("test")
     config.unlock()
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return config
+    return helpers.set_dotted(config, overrides)
 
 
 def _random_batch(config, seed=0):
