@@ -90,10 +90,8 @@ def _reference_view(img: np.ndarray, rng: np.random.Generator, size: int, mean, 
 
 
 def _reference_rate(path: str, size: int, batch: int, batches: int) -> float:
-    import grain
-
-    meta, _ = data.load_metadata(path)
-    src = grain.sources.ArrayRecordDataSource([os.path.join(path, s) for s in meta["shards"]])
+    opened = data.open_dataset(path)
+    meta, src = opened.meta, opened.source
     stats = normalize.STATS["s2c"]
     mean = [stats[b]["mean"] for b in meta["bands"]]
     std = [stats[b]["std"] for b in meta["bands"]]

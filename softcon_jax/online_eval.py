@@ -31,11 +31,9 @@ every 500 steps) that is well under 1 % of training time for any batch of 64 or 
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -68,9 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def _labelled_samples(path: str, count: int) -> list[tuple[int, int, np.ndarray]]:
     """(record index, season index, labels (9,)) of the first `count` labelled locations."""
-    meta, _ = data_lib.load_metadata(path)
-    source = grain.sources.ArrayRecordDataSource(
-        [os.path.join(path, s) for s in meta["shards"]])
+    source = data_lib.open_dataset(path).source
     out = []
     for i in range(len(source)):
         ex = records.decode(source[i])
@@ -135,7 +131,8 @@ class OnlineKNN:
         normalizer = data_lib.build_views_transform(d, train_meta, train_meta_path).normalizer
         bands = d.get("bands") or train_meta["bands"]
         bands = [bands] if isinstance(bands, str) else list(bands)
-        meta, meta_path = data_lib.load_metadata(cfg.data_path)
+        held_out = data_lib.open_dataset(cfg.data_path)
+        meta, meta_path = held_out.meta, held_out.meta_path
         missing = [b for b in bands if b not in meta["bands"]]
         if missing:
             raise ValueError(f"config.eval.data_path={cfg.data_path!r}: bands {missing} of "
@@ -159,8 +156,7 @@ class OnlineKNN:
         dtype = jnp.bfloat16 if config.model.get("dtype", "float32") == "bfloat16" \
             else np.float32
         images = np.empty((len(samples), size, size, len(bands)), dtype)
-        source = grain.sources.ArrayRecordDataSource(
-            [os.path.join(cfg.data_path, s) for s in meta["shards"]])
+        source = held_out.source
         for row, (i, t, _) in enumerate(samples):
             img = records.decode(source[i])["image"][t][index]  # (C, H, W)
             x = normalizer(img.transpose(1, 2, 0), normalizer.quantile_bounds(img))

@@ -12,14 +12,14 @@ from softcon_jax.data.pipeline import (
     build_dataset,
     build_views_transform,
     default_config,
-    load_metadata,
     register_views,
     view_dtype,
 )
 from softcon_jax.data.prefetch import DevicePrefetcher
+from softcon_jax.data.source import Dataset, load_metadata, open_dataset
 
 __all__ = [
     "augment", "normalize", "records", "available_views", "build_dataset",
     "build_views_transform", "default_config", "load_metadata", "register_views",
-    "view_dtype", "DevicePrefetcher",
+    "view_dtype", "DevicePrefetcher", "Dataset", "open_dataset",
 ]

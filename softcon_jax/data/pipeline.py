@@ -16,18 +16,16 @@ The view builders are a registry (``register_views``): ``softcon`` and ``seco``.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from typing import Any
 
 import grain
 import ml_collections
 from ml_collections import config_dict
-from etils import epath
 import numpy as np
 
 from softcon_jax.data import augment, normalize, records
+from softcon_jax.data.source import load_metadata, open_dataset  # noqa: F401 (re-exported)
 
 _VIEWS: dict[str, type] = {}
 
@@ -179,16 +177,6 @@ class SeCoViews(_ViewsBase):
         }
 
 
-def load_metadata(path: str) -> tuple[dict, str]:
-    """(metadata dict, metadata file path) of a converted dataset directory."""
-    meta_path = epath.Path(path) / "metadata.json"  # local paths or gs://
-    if not meta_path.exists():
-        raise FileNotFoundError(
-            f"data_config.path={path!r}: {meta_path} not found; convert a dataset with "
-            f"python -m data_prep.ssl4eo_s12 / data_prep.seco / data_prep.synthetic")
-    return json.loads(meta_path.read_text()), str(meta_path)
-
-
 def _select_bands(cfg: Any, meta: dict, meta_path: str) -> tuple[list[str], np.ndarray | None]:
     bands = list(meta["bands"])
     wanted = cfg.get("bands")
@@ -216,8 +204,7 @@ def _seed32(*parts: int) -> int:
 def _measured_stats(data_config: Any, meta: dict, bands: list[str],
                     index: np.ndarray | None) -> dict:
     """stats='dataset': per-band statistics of up to ``stats_sample`` records."""
-    source = grain.sources.ArrayRecordDataSource(
-        [os.path.join(data_config.path, s) for s in meta["shards"]])
+    source = open_dataset(data_config.path).source
     n = min(len(source), int(data_config.get("stats_sample", 64)))
     picks = np.linspace(0, len(source) - 1, n).round().astype(int)  # spread, deterministic
     images = []
@@ -282,13 +269,9 @@ def build_dataset(data_config: Any, *, global_batch_size: int, seed: int,
                          f"process_count={process_count}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-    meta, meta_path = load_metadata(data_config.path)
+    dataset = open_dataset(data_config.path)
+    meta, meta_path, source = dataset.meta, dataset.meta_path, dataset.source
     transform = build_views_transform(data_config, meta, meta_path, dtype)
-    paths = [os.path.join(data_config.path, s) for s in meta["shards"]]
-    for p in paths:
-        if not epath.Path(p).exists():
-            raise FileNotFoundError(f"shard {p} listed in {meta_path} does not exist")
-    source = grain.sources.ArrayRecordDataSource(paths)
     if len(source) < process_count:
         raise ValueError(f"{meta_path}: {len(source)} records for {process_count} processes")
     per_host = global_batch_size // process_count
