@@ -144,10 +144,10 @@ def test_export_errors(tmp_path):
     vit = models.build_backbone(VIT_S, in_channels=2, img_size=28, **TINY_VIT)
     rn18 = models.build_backbone("resnet18", in_channels=2)
     rn50 = models.build_backbone("resnet50", in_channels=2)
-    with pytest.raises(ValueError, match="torchvision' needs a ResNet"):
+    with pytest.raises(ValueError, match="'torchvision' is not available for vit_small.*available: timm, dinov2"):
         interop.export_torch(vit, random_variables(vit), tmp_path / "a.safetensors",
                              "torchvision")
-    with pytest.raises(ValueError, match="dinov2' needs a ViT"):
+    with pytest.raises(ValueError, match="'dinov2' is not available for resnet18.*available: timm, torchvision"):
         interop.export_torch(rn18, {}, tmp_path / "a.safetensors", "dinov2")
     with pytest.raises(ValueError, match="expected one of"):
         interop.export_torch(rn18, {}, tmp_path / "a.safetensors", "onnx")
@@ -306,7 +306,7 @@ def test_import_errors_list_keys_and_shapes(tmp_path):
     interop.write_state_dict(with_fc, tmp_path / "fc.safetensors")
     interop.import_torch(tmp_path / "fc.safetensors", "resnet18", 2)
 
-    with pytest.raises(ValueError, match="unknown arch 'resnet51'"):
+    with pytest.raises(ValueError, match="arch='resnet51': unknown backbone 'resnet51'. Did you mean 'resnet50'"):
         interop.import_torch(tmp_path / "rn18.safetensors", "resnet51", 2)
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         interop.import_torch(tmp_path / "nope.safetensors", "resnet18", 2)

@@ -32,10 +32,10 @@ README_EXAMPLE = _readme_example()
 @pytest.fixture
 def clean_registry():
     """Restores the registry after a test that registers losses."""
-    saved = dict(registry._REGISTRY)
+    saved = dict(registry.LOSSES._entries)
     yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(saved)
+    registry.LOSSES._entries.clear()
+    registry.LOSSES._entries.update(saved)
 
 
 def _np_smoothed_infonce(q, k, tau, smoothing):

@@ -50,7 +50,7 @@ def test_registry_names_and_errors():
     for required in ("resnet18", "resnet50", "vit_small_patch14_dinov2",
                      "vit_base_patch14_dinov2"):
         assert required in names
-    with pytest.raises(ValueError, match="Unknown backbone 'resnet19'.*resnet18"):
+    with pytest.raises(ValueError, match="unknown backbone 'resnet19'. Did you mean 'resnet18'.*Available: resnet18"):
         models.build_backbone("resnet19", in_channels=3)
     with pytest.raises(ValueError, match="unknown argument.*embed_dim"):
         models.build_backbone("resnet50", in_channels=3, embed_dim=3)

@@ -29,34 +29,18 @@ from softcon_jax import models
 from softcon_jax.interop import keymaps
 from softcon_jax.interop.io import read_state_dict, write_state_dict
 from softcon_jax.interop.resample import resample_pos_embed
-from softcon_jax.models.layers import kaiming_fan_out, torch_default_init
-from softcon_jax.models.resnet import DEFAULT_WIDTHS, ResNet
-from softcon_jax.models.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("timm", "torchvision", "dinov2")
 FIRST_LAYER_MODES = ("reinit", "from_rgb")
-_DINOV2_HUB = {"vit_small_patch14_dinov2": "dinov2_vits14",
-               "vit_base_patch14_dinov2": "dinov2_vitb14",
-               "vit_large_patch14_dinov2": "dinov2_vitl14"}
-
 
 class StateDictMismatchError(ValueError):
     """A checkpoint or variables tree does not match the architecture."""
 
 
-def _family(model: Any) -> str:
-    if isinstance(model, VisionTransformer):
-        return "vit"
-    if isinstance(model, ResNet):
-        return "resnet"
-    raise TypeError(f"Expected a backbone from softcon_jax.models.build_backbone, got "
-                    f"{type(model).__name__}.")
-
-
 def _dummy_input(model: Any) -> jax.ShapeDtypeStruct:
-    size = model.img_size if isinstance(model, VisionTransformer) else 32
+    size = getattr(model, "img_size", 32)
     return jax.ShapeDtypeStruct((1, size, size, model.in_channels), jnp.float32)
 
 
@@ -130,25 +114,23 @@ def import_torch(path: str | os.PathLike, arch: str, in_channels: int, *,
     """
     if first_layer not in FIRST_LAYER_MODES:
         raise ValueError(f"first_layer={first_layer!r}; expected one of {FIRST_LAYER_MODES}.")
-    if arch not in models.available_backbones():
-        raise ValueError(f"import_torch: unknown arch {arch!r}; available: "
-                         f"{models.available_backbones()}.")
+    backbone = models.BACKBONES.get(arch, key="arch")
     kwargs = dict(arch_kwargs)
-    if arch.startswith("vit"):
+    if "img_size" in backbone.fields:
         kwargs["img_size"] = img_size
     model = models.build_backbone(arch, in_channels=in_channels, **kwargs)
-    family = _family(model)
+    layout = backbone.layout
     spec = keymaps.torch_spec(abstract_variables(model))
 
     raw = read_state_dict(path)
     try:
-        sd, ignored = keymaps.normalize(raw, family, key_prefix)
+        sd, ignored = keymaps.normalize(raw, layout, key_prefix)
     except ValueError as e:
         raise StateDictMismatchError(f"{path}: {e}") from None
     if ignored:
         log.info("%s: ignoring %d non-backbone keys: %s", path, len(ignored), _fmt(ignored, 10))
 
-    first_key = keymaps.FIRST_LAYER[family]
+    first_key = layout.first_layer
     missing = sorted(set(spec) - set(sd))
     unexpected = sorted(set(sd) - set(spec))
     shapes = []
@@ -158,22 +140,19 @@ def import_torch(path: str | os.PathLike, arch: str, in_channels: int, *,
             continue
         if key == first_key and len(got) == 4 and (got[0],) + got[2:] == (want[0],) + want[2:]:
             continue  # other input channels: adapted below
-        if (key == "pos_embed" and len(got) == 3 and got[::2] == want[::2]
-                and int(round((got[1] - 1) ** 0.5)) ** 2 == got[1] - 1):
-            continue  # other square grid: resampled below
+        if layout.adaptable(key, got, want):
+            continue  # e.g. a position embedding of another grid: adapted below
         shapes.append(f"{key}: file {got} vs model {want}")
     if missing or unexpected or shapes:
-        arch_desc = f"{arch} (in_channels={in_channels}" + (
-            f", img_size={img_size})" if family == "vit" else ")")
         raise StateDictMismatchError(_mismatch_message(
-            f"{path}: checkpoint does not match {arch_desc}; the file looks like: "
+            f"{path}: checkpoint does not match {layout.describe(model)}; the file looks like: "
             f"{keymaps.describe(sd)}.", missing, unexpected, shapes))
 
     sd = dict(sd)
     w = sd[first_key]
     if w.shape[1] != in_channels:
         if first_layer == "reinit":
-            init = kaiming_fan_out if family == "resnet" else torch_default_init
+            init = layout.first_layer_init()
             o, _, kh, kw = spec[first_key][3]
             fresh = init(jax.random.key(seed), (kh, kw, in_channels, o), jnp.float32)
             sd[first_key] = keymaps.to_torch_layout("conv", np.asarray(fresh))
@@ -182,12 +161,8 @@ def import_torch(path: str | os.PathLike, arch: str, in_channels: int, *,
         log.info("%s: %s has %d input channels, model %d: first layer %s.", path, first_key,
                  w.shape[1], in_channels, "re-initialised" if first_layer == "reinit"
                  else "built from the file's mean kernel")
-    if family == "vit" and sd["pos_embed"].shape != spec["pos_embed"][3]:
-        log.info("%s: resampling pos_embed %s -> %s.", path, sd["pos_embed"].shape,
-                 spec["pos_embed"][3])
-        sd["pos_embed"] = resample_pos_embed(
-            np.asarray(sd["pos_embed"], np.float32), (model.grid_size, model.grid_size),
-            antialias=pos_embed_antialias)
+    sd = layout.adapt(sd, model, spec, pos_embed_antialias=pos_embed_antialias,
+                      log=lambda msg: log.info("%s: %s.", path, msg))
     variables = jax.tree.map(jnp.asarray, keymaps.torch_to_flax(sd, spec))
     return model, variables
 
@@ -236,23 +211,15 @@ def export_torch(model: Any, variables: Any, out_path: str | os.PathLike,
     """
     if format not in FORMATS:
         raise ValueError(f"export format {format!r}; expected one of {FORMATS}.")
-    family = _family(model)
-    if format == "torchvision" and (family != "resnet" or tuple(model.widths) != DEFAULT_WIDTHS):
-        raise ValueError(f"format='torchvision' needs a ResNet with widths {DEFAULT_WIDTHS}; "
-                         f"got {model.arch}. Use format='timm'.")
-    if format == "dinov2" and family != "vit":
-        raise ValueError(f"format='dinov2' needs a ViT; got {model.arch}. Use 'timm'.")
+    layout = models.spec_of(model).layout
+    layout.check_export(model, format)
     if band_order is not None and len(band_order) != model.in_channels:
         raise ValueError(f"band_order has {len(band_order)} names but the model has "
                          f"{model.in_channels} input channels.")
     _check_variables(model, variables)
 
     state_dict = keymaps.flax_to_torch(variables)
-    if format == "dinov2":
-        state_dict["mask_token"] = np.zeros((1, model.embed_dim), np.float32)
-    write_state_dict(state_dict, out_path)
-
-    if img_size is None and family == "vit":
+    if img_size is None and getattr(model, "img_size", None):
         img_size = int(model.img_size)
     sidecar: dict[str, Any] = {
         "format": format,
@@ -264,17 +231,8 @@ def export_torch(model: Any, variables: Any, out_path: str | os.PathLike,
         "normalization": normalization,
         "num_features": int(model.num_features),
     }
-    if format == "torchvision":
-        sidecar["torchvision_name"] = model.arch
-        if tuple(model.stage_sizes) != tuple(models.ARCH_DEFAULTS[model.arch]["stage_sizes"]):
-            sidecar["torchvision_layers"] = [int(s) for s in model.stage_sizes]
-    if format == "dinov2":
-        kw = sidecar["timm_kwargs"]
-        if set(kw) <= {"in_chans", "img_size"} and model.arch in _DINOV2_HUB:
-            sidecar["dinov2_hub"] = {"model": _DINOV2_HUB[model.arch],
-                                     "kwargs": {"img_size": kw["img_size"],
-                                                "in_chans": kw["in_chans"],
-                                                "init_values": 1e-5, "block_chunks": 0}}
+    layout.export_extras(model, format, state_dict, sidecar)
+    write_state_dict(state_dict, out_path)
     sidecar_path = Path(f"{out_path}.json")
     sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
     return sidecar

@@ -28,19 +28,6 @@ _PARAM_LEAF = {"scale": "weight", "bias": "bias", "gamma": "gamma"}
 _STAT_LEAF = {"mean": "running_mean", "var": "running_var"}
 _TOP_PARAMS = ("cls_token", "pos_embed")
 
-# Keys of the file that are not part of the backbone, per family (regex on normalised names).
-IGNORED = {
-    "resnet": re.compile(r"^fc\.(weight|bias)$"),
-    "vit": re.compile(r"^(mask_token|head\.(weight|bias))$"),
-}
-# Keys that every file of the family has; used to find a wrapper prefix.
-ANCHORS = {
-    "resnet": ("conv1.weight", "layer1.0.conv1.weight"),
-    "vit": ("patch_embed.proj.weight", "cls_token"),
-}
-FIRST_LAYER = {"resnet": "conv1.weight", "vit": "patch_embed.proj.weight"}
-
-
 def _module_path(parts: tuple[str, ...]) -> str:
     out = []
     for p in parts:
@@ -134,12 +121,12 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], spec: dict) -> dict:
     return unflatten_dict(flat)
 
 
-def find_prefix(keys: list[str], family: str, key_prefix: str | None = None) -> str:
+def find_prefix(keys: list[str], layout: Any, key_prefix: str | None = None) -> str:
     """The wrapper prefix before the backbone names ('' if none); prefers the EMA teacher."""
     if key_prefix is not None:
         return key_prefix
     keyset = set(keys)
-    first, second = ANCHORS[family]
+    first, second = layout.anchors
     candidates = sorted({k[: -len(first)] for k in keys if k.endswith(first)
                          and k[: -len(first)] + second in keyset
                          and (k == first or k[: -len(first)].endswith("."))})
@@ -154,40 +141,26 @@ def find_prefix(keys: list[str], family: str, key_prefix: str | None = None) -> 
                      f"key_prefix= to choose one.")
 
 
-def normalize(state_dict: dict[str, np.ndarray], family: str,
+def normalize(state_dict: dict[str, np.ndarray], layout: Any,
               key_prefix: str | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Strips the wrapper prefix, undoes DINOv2 block chunking, drops non-backbone keys.
+    """Strips the wrapper prefix, applies the layout's renames, drops non-backbone keys.
 
-    Returns (normalised state dict, names of the dropped keys).
+    `layout` is the backbone's `models.TorchLayout`. Returns (normalised state dict, names
+    of the dropped keys).
     """
-    prefix = find_prefix(list(state_dict), family, key_prefix)
+    prefix = find_prefix(list(state_dict), layout, key_prefix)
     if prefix:
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    if family == "vit" and any(re.match(r"blocks\.\d+\.\d+\.", k) for k in state_dict):
-        # DINOv2 block_chunks > 0: blocks.<chunk>.<global index>.<...>
-        state_dict = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v
-                      for k, v in state_dict.items()}
-    ignored = sorted(k for k in state_dict if IGNORED[family].search(k)
-                     or k.endswith(".num_batches_tracked"))
+    state_dict = layout.normalize_keys(state_dict)
+    ignored = sorted(k for k in state_dict if layout.is_ignored(k))
     return {k: v for k, v in state_dict.items() if k not in set(ignored)}, ignored
 
 
 def describe(state_dict: dict[str, np.ndarray]) -> str:
     """A one-line guess of the architecture a state dict holds (for error messages)."""
-    keys = set(state_dict)
-    if "cls_token" in keys and "patch_embed.proj.weight" in keys:
-        w = state_dict["patch_embed.proj.weight"]
-        depth = 1 + max((int(m.group(1)) for k in keys
-                         if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
-        return (f"ViT embed_dim={w.shape[0]} depth={depth} patch_size={w.shape[-1]} "
-                f"in_chans={w.shape[1]} pos_embed tokens={state_dict['pos_embed'].shape[1]}"
-                if "pos_embed" in keys else f"ViT embed_dim={w.shape[0]} depth={depth}")
-    if "conv1.weight" in keys:
-        layers = []
-        for s in range(1, 5):
-            idx = [int(m.group(1)) for k in keys if (m := re.match(rf"layer{s}\.(\d+)\.", k))]
-            layers.append(1 + max(idx) if idx else 0)
-        block = "bottleneck" if "layer1.0.conv3.weight" in keys else "basic"
-        return (f"ResNet {block} blocks, layers={layers}, "
-                f"in_chans={state_dict['conv1.weight'].shape[1]}")
+    from softcon_jax.models import BACKBONES  # the registered layouts know their files
+
+    for layout in {id(spec.layout): spec.layout for _, spec in BACKBONES.items()}.values():
+        if (found := layout.describe_file(state_dict)) is not None:
+            return found
     return "unrecognised architecture"

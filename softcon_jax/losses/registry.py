@@ -1,28 +1,29 @@
 """Registry of loss functions, so that a config can choose a loss by name.
 
 A loss is a plain function ``fn(q, k, ..., *, temperature, row_offset=0, ...) -> scalar``.
-The trainer calls it through :func:`call`, which passes only the keyword arguments that the
-function declares, so a loss asks for exactly what it needs (``labels_q``, ``num_chunks``,
-its own options from ``config.loss.kwargs``, ...).
+The trainer calls it through :func:`call` with two kinds of keyword arguments:
+
+* ``offered``: what the framework has (``labels_q``, ``labels_k``, ``row_offset``,
+  ``num_chunks``, ``temperature``, queues, ...). A loss declares the ones it needs; the
+  others are not passed, so one loss can ignore labels and another use them.
+* ``options``: the user's ``config.loss.kwargs``. These are strict: an option the loss does
+  not declare is an error naming ``config.loss.kwargs.<key>`` and the accepted options, so a
+  misspelt ``soft_wieght`` never trains silently with the default.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, TypeVar
+from collections.abc import Mapping
+from typing import Any, Callable
 
-__all__ = ["register", "get", "available", "call", "UnknownLossError"]
+from softcon_jax.registry import Registry, UnknownNameError
 
-LossFn = TypeVar("LossFn", bound=Callable[..., Any])
+__all__ = ["LOSSES", "register", "get", "available", "call", "check_options",
+           "UnknownLossError"]
 
-_REGISTRY: dict[str, Callable[..., Any]] = {}
-
-
-class UnknownLossError(KeyError):
-    """Raised by :func:`get` for a name that no loss was registered under."""
-
-    def __str__(self) -> str:  # KeyError would quote the whole message.
-        return str(self.args[0])
+LOSSES: Registry[Callable[..., Any]] = Registry("loss", "config.loss.name")
+UnknownLossError = UnknownNameError  # the error `get` raises for an unknown name
 
 
 def register(name: str, fn: Callable[..., Any] | None = None, *, overwrite: bool = False):
@@ -31,63 +32,76 @@ def register(name: str, fn: Callable[..., Any] | None = None, *, overwrite: bool
     Registering a different function under a taken name raises ValueError unless
     ``overwrite=True``. Returns the function unchanged (so the decorator keeps it usable).
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a loss name must be a non-empty string, got {name!r}")
-
-    def decorator(f: LossFn) -> LossFn:
-        if not callable(f):
-            raise TypeError(f"register({name!r}) expects a function, got {f!r}")
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing is not f and not overwrite:
-            raise ValueError(
-                f"a loss named {name!r} is already registered ({_describe(existing)}); "
-                f"pick another name or pass overwrite=True")
-        _REGISTRY[name] = f
-        return f
-
-    return decorator if fn is None else decorator(fn)
+    if fn is not None and not callable(fn):
+        raise TypeError(f"register({name!r}) expects a function, got {fn!r}")
+    return LOSSES.register(name, fn, overwrite=overwrite)
 
 
 def get(name: str) -> Callable[..., Any]:
-    """Returns the loss registered under ``name``; UnknownLossError lists the known names."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownLossError(
-            f"unknown loss {name!r} (config key loss.name); available losses: "
-            f"{', '.join(available())}") from None
+    """The loss registered under ``name``; UnknownLossError names config.loss.name."""
+    return LOSSES.get(name)
 
 
 def available() -> list[str]:
-    """Returns the registered loss names, sorted."""
-    return sorted(_REGISTRY)
+    """The registered loss names, sorted."""
+    return LOSSES.names()
 
 
-def call(fn: Callable[..., Any] | str, *args: Any, **kwargs: Any) -> Any:
-    """Calls ``fn(*args, **kw)`` with only the keyword arguments ``fn`` declares.
+def _declared(fn: Callable[..., Any]) -> tuple[set[str], bool]:
+    """(keyword names fn accepts, whether it takes **kwargs)."""
+    params = inspect.signature(fn).parameters.values()
+    names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                   inspect.Parameter.KEYWORD_ONLY)}
+    return names, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
-    ``fn`` may be a function or a registered name. If ``fn`` takes ``**kwargs`` it gets all
-    of them. Keyword arguments it does not declare are dropped; a required argument that is
-    neither given positionally nor offered raises TypeError naming the loss and the missing
-    argument.
+
+def check_options(fn: Callable[..., Any] | str, options: Mapping[str, Any] | None,
+                  key: str = "config.loss.kwargs", framework: tuple[str, ...] = ()) -> None:
+    """Raises ValueError for an option in ``options`` that ``fn`` does not accept.
+
+    ``framework`` names arguments the framework passes itself; setting them as options is
+    an error too (the framework's value would win or clash).
     """
-    if isinstance(fn, str):
-        fn = get(fn)
-    sig = inspect.signature(fn)
-    params = sig.parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        accepted = kwargs
-    else:
-        names = {p.name for p in params
-                 if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                               inspect.Parameter.KEYWORD_ONLY)}
-        accepted = {key: value for key, value in kwargs.items() if key in names}
+    from softcon_jax.registry import close_match
+
+    fn = get(fn) if isinstance(fn, str) else fn
+    names, var_kw = _declared(fn)
+    positional = [p.name for p in inspect.signature(fn).parameters.values()
+                  if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][:2]  # q, k
+    accepted = sorted(names - set(framework) - set(positional))
+    for option in options or {}:
+        if option in framework:
+            raise ValueError(f"{key}.{option}: set by the framework, not an option of loss "
+                             f"{_describe(fn)}; options it accepts: "
+                             f"{', '.join(accepted) or 'none'}.")
+        if not var_kw and option not in names:
+            hint = close_match(option, accepted)
+            raise ValueError(f"{key}.{option}: loss {_describe(fn)} has no option "
+                             f"{option!r}.{f' Did you mean {hint!r}?' if hint else ''} "
+                             f"Options it accepts: {', '.join(accepted) or 'none'}.")
+
+
+def call(fn: Callable[..., Any] | str, *args: Any,
+         options: Mapping[str, Any] | None = None, **offered: Any) -> Any:
+    """Calls ``fn(*args, **options, **declared offered)``.
+
+    ``fn`` may be a function or a registered name. ``offered`` keyword arguments ``fn``
+    does not declare are dropped (a loss that takes ``**kwargs`` gets all of them);
+    ``options`` must all be accepted (see :func:`check_options`). A required argument that
+    is neither given nor offered raises TypeError naming the loss and the argument.
+    """
+    fn = get(fn) if isinstance(fn, str) else fn
+    options = dict(options or {})
+    check_options(fn, options, framework=tuple(offered))
+    names, var_kw = _declared(fn)
+    accepted = offered if var_kw else {k: v for k, v in offered.items() if k in names}
+    accepted = {**accepted, **options}
     try:
-        sig.bind(*args, **accepted)
+        inspect.signature(fn).bind(*args, **accepted)
     except TypeError as err:
         raise TypeError(
             f"cannot call loss {_describe(fn)}: {err}; offered keyword arguments: "
-            f"{', '.join(sorted(kwargs)) or 'none'}") from None
+            f"{', '.join(sorted(offered)) or 'none'}") from None
     return fn(*args, **accepted)
 
 

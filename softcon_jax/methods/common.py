@@ -50,7 +50,8 @@ def bn_groups(config, mesh: Mesh) -> int:
 
 
 def gathered_loss(loss_fn: Callable, mesh: Mesh, q, k, *, q_axis: int = 0, k_axis: int = 0,
-                  extra_local=None, extra_gathered=None, extra_replicated=None, **kwargs):
+                  extra_local=None, extra_gathered=None, extra_replicated=None,
+                  options=None, **kwargs):
     """Evaluates `loss_fn` with local rows against columns gathered from every device.
 
     Inside `shard_map` each device holds its n rows of `q` (batch dimension `q_axis`) and of
@@ -58,7 +59,8 @@ def gathered_loss(loss_fn: Callable, mesh: Mesh, q, k, *, q_axis: int = 0, k_axi
     `extra_gathered` to N = n x devices columns; `extra_replicated` (e.g. queues) is the same
     on every device. Row i of a device is global sample `axis_index * n + i`. The device
     means are averaged, which is the mean over the global batch; gradients w.r.t. `q` are
-    exact (keys get none: the losses stop their gradient).
+    exact (keys get none: the losses stop their gradient). `options` are the user's
+    `config.loss.kwargs`, checked strictly (`losses.call`); `kwargs` are offered.
     """
     extra_local, extra_gathered = extra_local or {}, extra_gathered or {}
     extra_replicated = extra_replicated or {}
@@ -72,7 +74,7 @@ def gathered_loss(loss_fn: Callable, mesh: Mesh, q, k, *, q_axis: int = 0, k_axi
             lambda x: jax.lax.all_gather(x, BATCH_AXES, axis=0, tiled=True), extra_gathered)
         offset = jax.lax.axis_index(BATCH_AXES) * q.shape[q_axis]
         value = losses.call(loss_fn, q, k_all, row_offset=offset, **extra_local, **gathered,
-                            **extra_replicated, **kwargs)
+                            **extra_replicated, options=options, **kwargs)
         return jax.lax.pmean(value, BATCH_AXES)
 
     specs = (batch_spec(q_axis), batch_spec(k_axis),

@@ -125,7 +125,7 @@ class SeCo:
         loss = common.gathered_loss(
             self.loss_fn, self.mesh, q.astype(jnp.float32), keys, q_axis=1, k_axis=2,
             extra_replicated=replicated, temperature=c.loss.temperature,
-            num_chunks=c.loss.get("num_chunks", 1), **c.loss.get("kwargs", {}).to_dict())
+            num_chunks=c.loss.get("num_chunks", 1), options=c.loss.get("kwargs", {}).to_dict())
 
         new_state = {**model_state, "key_encoder": key_vars}
         if "batch_stats" in query_vars:

@@ -117,8 +117,8 @@ class SoftCon:
             return common.gathered_loss(
                 self.loss_fn, self.mesh, q.astype(jnp.float32), k.astype(jnp.float32),
                 extra_local={"labels_q": lq}, extra_gathered={"labels_k": lk},
-                temperature=c.loss.temperature, num_chunks=c.loss.get("num_chunks", 1),
-                **c.loss.get("kwargs", {}).to_dict())
+                options=c.loss.get("kwargs", {}).to_dict(), temperature=c.loss.temperature,
+                num_chunks=c.loss.get("num_chunks", 1))
 
         loss_12, loss_21 = pair(q1, k2, l1, l2), pair(q2, k1, l2, l1)
         loss = loss_12 + loss_21

@@ -9,6 +9,7 @@ map is mechanical. Output: global-average-pooled features (B, num_features), as 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from softcon_jax.models.layers import BatchNorm, kaiming_fan_out
+from softcon_jax.models.registry import BACKBONES, BackboneSpec, TorchLayout
 
 Dtype = Any
 
@@ -116,8 +118,8 @@ class ResNet(nn.Module):
     def timm_kwargs(self) -> dict:
         """kwargs such that `timm.create_model(arch, num_classes=0, **kw)` rebuilds this net."""
         kw: dict = {"in_chans": int(self.in_channels)}
-        default = {"resnet18": (2, 2, 2, 2), "resnet50": (3, 4, 6, 3)}.get(self.arch)
-        if tuple(self.stage_sizes) != default:
+        default = BACKBONES.get(self.arch).defaults if self.arch in BACKBONES else {}
+        if tuple(self.stage_sizes) != tuple(default.get("stage_sizes", ())):
             kw["layers"] = [int(s) for s in self.stage_sizes]
         if tuple(self.widths) != DEFAULT_WIDTHS:
             kw["channels"] = [int(w) for w in self.widths]
@@ -149,3 +151,53 @@ class ResNet(nn.Module):
                 inplanes = width * block_cls.expansion
         # Pool in float32: the features feed losses and exports.
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+
+
+# ==== PyTorch layout and registration =====================================================
+
+class ResNetLayout(TorchLayout):
+    """timm and torchvision share the ResNet names (`conv1`, `bn1`, `layer1.0.conv1`, ...).
+
+    'torchvision' export needs the standard widths (torchvision has no width option).
+    """
+
+    first_layer = "conv1.weight"
+    anchors = ("conv1.weight", "layer1.0.conv1.weight")
+    ignored = r"^fc\.(weight|bias)$"
+    formats = ("timm", "torchvision")
+
+    def first_layer_init(self):
+        return kaiming_fan_out
+
+    def check_export(self, model, format):
+        super().check_export(model, format)
+        if format == "torchvision" and tuple(model.widths) != DEFAULT_WIDTHS:
+            raise ValueError(f"format='torchvision' needs a ResNet with widths "
+                             f"{DEFAULT_WIDTHS}; got {model.arch} with {tuple(model.widths)}. "
+                             "Use format='timm'.")
+
+    def export_extras(self, model, format, state_dict, sidecar):
+        if format != "torchvision":
+            return
+        sidecar["torchvision_name"] = model.arch
+        if tuple(model.stage_sizes) != tuple(BACKBONES.get(model.arch).defaults["stage_sizes"]):
+            sidecar["torchvision_layers"] = [int(s) for s in model.stage_sizes]
+
+    def describe_file(self, state_dict):
+        keys = set(state_dict)
+        if "conv1.weight" not in keys:
+            return None
+        layers = []
+        for s in range(1, 5):
+            idx = [int(m.group(1)) for k in keys if (m := re.match(rf"layer{s}\.(\d+)\.", k))]
+            layers.append(1 + max(idx) if idx else 0)
+        block = "bottleneck" if "layer1.0.conv3.weight" in keys else "basic"
+        return (f"ResNet {block} blocks, layers={layers}, "
+                f"in_chans={state_dict['conv1.weight'].shape[1]}")
+
+
+LAYOUT = ResNetLayout()
+BACKBONES.register("resnet18", BackboneSpec(ResNet, dict(block="basic", stage_sizes=(2, 2, 2, 2)),
+                                            LAYOUT))
+BACKBONES.register("resnet50", BackboneSpec(
+    ResNet, dict(block="bottleneck", stage_sizes=(3, 4, 6, 3)), LAYOUT))

@@ -11,13 +11,16 @@ the blocks. They are gathered after the position embedding is added; CLS is alwa
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from softcon_jax.models.layers import DropPath, LayerScale, torch_default_init
+from softcon_jax.models.registry import BACKBONES, BackboneSpec, TorchLayout
 
 Dtype = Any
 
@@ -165,10 +168,8 @@ class VisionTransformer(nn.Module):
 
     def timm_kwargs(self) -> dict:
         """kwargs such that `timm.create_model(arch, num_classes=0, **kw)` rebuilds this net."""
-        from softcon_jax.models import ARCH_DEFAULTS  # local: avoids an import cycle
-
         kw: dict = {"in_chans": int(self.in_channels), "img_size": int(self.img_size)}
-        defaults = ARCH_DEFAULTS.get(self.arch, {})
+        defaults = BACKBONES.get(self.arch).defaults if self.arch in BACKBONES else {}
         for field in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio"):
             if getattr(self, field) != defaults.get(field):
                 kw[field] = getattr(self, field)
@@ -227,3 +228,83 @@ class VisionTransformer(nn.Module):
                  keep_indices: jax.Array | None = None) -> jax.Array:
         """x (B, H, W, C) -> CLS features (B, embed_dim) after the final norm."""
         return self.encode(self.embed(x, keep_indices), train=train)[:, 0]
+
+
+# ==== PyTorch layout and registration =====================================================
+
+_DINOV2_HUB = {"vit_small_patch14_dinov2": "dinov2_vits14",
+               "vit_base_patch14_dinov2": "dinov2_vitb14",
+               "vit_large_patch14_dinov2": "dinov2_vitl14"}
+
+
+class ViTLayout(TorchLayout):
+    """timm `vit_*_patch14_dinov2` names; DINOv2-native files are timm's plus `mask_token`.
+
+    DINOv2 checkpoints saved with `block_chunks > 0` name blocks `blocks.<chunk>.<i>.`;
+    those are renamed to `blocks.<i>.`. A position embedding of another square grid is
+    resampled (bicubic, `softcon_jax.interop.resample`).
+    """
+
+    first_layer = "patch_embed.proj.weight"
+    anchors = ("patch_embed.proj.weight", "cls_token")
+    ignored = r"^(mask_token|head\.(weight|bias))$"
+    formats = ("timm", "dinov2")
+
+    def first_layer_init(self):
+        return torch_default_init
+
+    def normalize_keys(self, state_dict):
+        if any(re.match(r"blocks\.\d+\.\d+\.", k) for k in state_dict):
+            state_dict = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v
+                          for k, v in state_dict.items()}
+        return state_dict
+
+    def adaptable(self, key, got, want):
+        return (key == "pos_embed" and len(got) == 3 and got[::2] == want[::2]
+                and int(round((got[1] - 1) ** 0.5)) ** 2 == got[1] - 1)
+
+    def adapt(self, state_dict, model, spec, *, pos_embed_antialias=True, log=None, **_):
+        from softcon_jax.interop.resample import resample_pos_embed  # NumPy only
+
+        want = spec["pos_embed"][3]
+        if state_dict["pos_embed"].shape != want:
+            if log is not None:
+                log(f"resampling pos_embed {state_dict['pos_embed'].shape} -> {want}")
+            state_dict = {**state_dict, "pos_embed": resample_pos_embed(
+                np.asarray(state_dict["pos_embed"], np.float32),
+                (model.grid_size, model.grid_size), antialias=pos_embed_antialias)}
+        return state_dict
+
+    def export_extras(self, model, format, state_dict, sidecar):
+        if format != "dinov2":
+            return
+        state_dict["mask_token"] = np.zeros((1, model.embed_dim), np.float32)
+        kw = sidecar["timm_kwargs"]
+        if set(kw) <= {"in_chans", "img_size"} and model.arch in _DINOV2_HUB:
+            sidecar["dinov2_hub"] = {"model": _DINOV2_HUB[model.arch],
+                                     "kwargs": {"img_size": kw["img_size"],
+                                                "in_chans": kw["in_chans"],
+                                                "init_values": 1e-5, "block_chunks": 0}}
+
+    def describe(self, model):
+        return f"{model.arch} (in_channels={model.in_channels}, img_size={model.img_size})"
+
+    def describe_file(self, state_dict):
+        keys = set(state_dict)
+        if not {"cls_token", "patch_embed.proj.weight"} <= keys:
+            return None
+        w = state_dict["patch_embed.proj.weight"]
+        depth = 1 + max((int(m.group(1)) for k in keys
+                         if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+        return (f"ViT embed_dim={w.shape[0]} depth={depth} patch_size={w.shape[-1]} "
+                f"in_chans={w.shape[1]} pos_embed tokens={state_dict['pos_embed'].shape[1]}"
+                if "pos_embed" in keys else f"ViT embed_dim={w.shape[0]} depth={depth}")
+
+
+LAYOUT = ViTLayout()
+for _name, _dims in {"vit_small_patch14_dinov2": (384, 12, 6),
+                     "vit_base_patch14_dinov2": (768, 12, 12),
+                     "vit_large_patch14_dinov2": (1024, 24, 16)}.items():
+    BACKBONES.register(_name, BackboneSpec(VisionTransformer, dict(
+        patch_size=14, embed_dim=_dims[0], depth=_dims[1], num_heads=_dims[2], mlp_ratio=4.0,
+        img_size=224), LAYOUT))
