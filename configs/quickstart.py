@@ -3,53 +3,45 @@
     python -m softcon_jax.train --config configs/quickstart.py --workdir runs/quickstart
 
 `get_config("test")` shrinks it further for the test suite. The synthetic dataset is written
-to `config.data.path` on first use (13 bands, 4 seasons per location, 9-class labels).
+to `config.data.path` on first use (13 bands, 4 seasons per location, 9-class labels), only
+into an empty directory or one that already holds the same synthetic dataset. To train on a
+real converted dataset instead: `--config.data.synthetic.enabled=False
+--config.data.path=DIR` (and the same for `config.eval`).
 """
 
 import ml_collections
-from ml_collections import config_dict
 
-from softcon_jax import data as data_lib
-from softcon_jax import online_eval
+from configs import common
+from softcon_jax import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    test = arg == "test"
+    test = common.parse_arg(arg, "configs/quickstart.py", test=False).test
     c = ml_collections.ConfigDict()
     c.method = "softcon"
-    c.seed = 0
-    c.total_steps = 8 if test else 150
-    # Stop early at this step (saving a checkpoint); run again to resume.
-    c.stop_after_step = config_dict.placeholder(int)
-    c.global_batch_size = 16 if test else 64
-    c.grad_accum_steps = 1
-    c.log_every_steps = 2 if test else 10
-    c.nonfinite = "stop"
-    c.debug_transfer_guard = config_dict.placeholder(str)  # "log"|"disallow": implicit copies
-    c.prefetch_to_device = 2  # batches placed on the devices ahead, by a thread
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    common.run_block(c, batch=16 if test else 64, steps=8 if test else 150,
+                     log_every=2 if test else 10, checkpoint_every=4 if test else 50)
 
-    c.data = data_lib.default_config()
+    c.data = defaults.data()
     c.data.path = "runs/quickstart/data"
-    c.data.views = "softcon"
     c.data.image_size = 16 if test else 32
     c.data.in_channels = 13
     c.data.stats = "s2c"
     c.data.normalization = "softcon"
     # The reference crop scale (0.08, 1) would cut 3-pixel crops out of 40-pixel scenes.
     c.data.augment.crop_scale = (0.3, 1.0)
-    c.data.synthetic = ml_collections.ConfigDict(dict(
+    c.data.synthetic = common.synthetic(
         num_locations=64 if test else 512, num_shards=2 if test else 4,
-        image_size=20 if test else 40, bands=13, timesteps=4, seed=0))
+        image_size=20 if test else 40, timesteps=4, seed=0)
 
     c.model = ml_collections.ConfigDict()
     c.model.backbone = "vit_small_patch14_dinov2"
-    c.model.backbone_kwargs = ml_collections.ConfigDict(dict(
-        img_size=c.data.image_size, patch_size=8 if not test else 4,
-        embed_dim=32 if test else 64, depth=2, num_heads=2,
+    c.model.backbone_kwargs = common.vit_kwargs(
+        embed_dim=32 if test else 64, depth=2, num_heads=2, img_size=c.data.image_size,
+        patch_size=4 if test else 8,
         # From scratch, DINOv2's LayerScale init (1e-5) leaves the CLS token blind to the
         # input for many steps; 0.1 (as CaiT for shallow models) trains at once.
-        init_values=0.1))
+        init_values=0.1)
     c.model.dtype = "float32"
     c.model.batch_norm = "sync"  # or "per_device" (shuffle-BN-like)
     c.model.mask_ratio = 0.0     # Siamese masking of student patch tokens (ViT only)
@@ -73,14 +65,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                 end_factor=0.0))
     c.teacher = ml_collections.ConfigDict(dict(momentum=0.99, momentum_end=1.0))
 
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=4 if test else 50, keep=3,
-                                                  async_save=True))
+    c.checkpoint.async_save = True
     # Online kNN on a held-out synthetic split (written on first use), every 50 steps.
-    c.eval = online_eval.default_config()
     if not test:
         c.eval.every_steps = 50
         c.eval.data_path = "runs/quickstart/eval_data"
-        c.eval.synthetic = ml_collections.ConfigDict(dict(
-            num_locations=320, num_shards=1, image_size=40, bands=13, timesteps=4, seed=1))
-    c.export = ml_collections.ConfigDict(dict(format="timm", which="teacher"))
+        c.eval.synthetic = common.synthetic(num_locations=320, num_shards=1, image_size=40,
+                                            timesteps=4, seed=1)
     return c

@@ -1,48 +1,38 @@
 """SeCo pretraining (Manas et al. 2021) on SeCo-100k / SeCo-1M shards.
 
     python -m softcon_jax.train --config configs/seco.py:rn18 --workdir runs/seco_rn18
-    # arg = rn18 | rn50
+    # arg = "<rn18|rn50>[,runlocal]"
 
-Reference recipe (REFERENCE §2): MoCo-v2 key encoder with m = 0.999, 3 subspaces with
-Linear-ReLU-Linear heads (hidden 512 for RN18, 2048 for RN50) to 128-d, a 16384-key queue
-per subspace, temperature 0.07, SGD lr 0.03 momentum 0.9 wd 1e-4, batch 256, 200 epochs with
-the learning rate divided by 10 at epochs 120 and 160, and RGB input (B4, B3, B2) scaled by
-SeCo's fixed quantiles. For all 12 bands use `--config.data.bands=None
---config.data.in_channels=12 --config.data.stats=dataset` (quantiles measured on the data:
-our extension, not a reference value).
+Reference recipe (ServiceNow/seasonal-contrast `main_pretrain.py`, `models/moco2_module.py`):
+MoCo-v2 key encoder with m = 0.999, 3 subspaces with Linear-ReLU-Linear heads (hidden 512
+for RN18, 2048 for RN50) to 128-d, a 16384-key queue per subspace, temperature 0.07, SGD lr
+0.03 momentum 0.9 wd 1e-4, batch 256, 200 epochs with the learning rate divided by 10 at
+epochs 120 and 160, and RGB input (B4, B3, B2) scaled by SeCo's fixed quantiles. For all 12
+bands use `--config.data.bands=None --config.data.in_channels=12 --config.data.stats=dataset`
+(quantiles measured on the data: our extension, not a reference value).
 """
 
 import ml_collections
-from ml_collections import config_dict
 
-from softcon_jax import data as data_lib
-from softcon_jax import online_eval
+from configs import common
+from softcon_jax import defaults
 
+BACKBONES = {"rn18": ("resnet18", 512, ("basic", (2, 2, 2, 2))),
+             "rn50": ("resnet50", 2048, ("bottleneck", (3, 4, 6, 3)))}
 NUM_LOCATIONS = 100_000  # SeCo-100k; use ~1M for SeCo-1M
+TIMESTAMPS = 5           # SeCo stores 5 acquisitions per location
 
 
-def get_config(arg: str = "rn18") -> ml_collections.ConfigDict:
-    backbones = {"rn18": ("resnet18", 512), "rn50": ("resnet50", 2048)}
-    if arg not in backbones:
-        raise ValueError(f"configs/seco.py:{arg}: expected one of {sorted(backbones)}.")
-    backbone, hidden = backbones[arg]
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = common.parse_arg(arg, "configs/seco.py", backbone=("rn18", "rn50"), runlocal=False)
+    name, hidden, (block, stages) = BACKBONES[a.backbone]
 
     c = ml_collections.ConfigDict()
     c.method = "seco"
-    c.seed = 0
-    c.global_batch_size = 256
-    c.total_steps = 200 * NUM_LOCATIONS // c.global_batch_size
-    c.stop_after_step = config_dict.placeholder(int)
-    c.grad_accum_steps = 1
-    c.log_every_steps = 50
-    c.nonfinite = "stop"
-    c.debug_transfer_guard = config_dict.placeholder(str)  # 'log'|'disallow': implicit copies
-    c.prefetch_to_device = 2  # batches placed on the devices ahead, by a thread
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    common.run_block(c, batch=256, steps=200 * NUM_LOCATIONS // 256)
 
-    c.data = data_lib.default_config()
+    c.data = defaults.data()
     c.data.path = "gs://YOUR_BUCKET/seco_100k"
-    c.data.views = "seco"
     c.data.image_size = 224
     c.data.bands = ("B4", "B3", "B2")
     c.data.in_channels = 3
@@ -51,8 +41,8 @@ def get_config(arg: str = "rn18") -> ml_collections.ConfigDict:
     c.data.num_workers = 16
 
     c.model = ml_collections.ConfigDict()
-    c.model.backbone = backbone
-    c.model.backbone_kwargs = ml_collections.ConfigDict({})
+    c.model.backbone = name
+    c.model.backbone_kwargs = common.resnet_kwargs(block, stages)
     c.model.dtype = "bfloat16"
     # The reference shuffles BN across GPUs; per-device statistics reproduce that behaviour.
     c.model.batch_norm = "per_device"
@@ -72,7 +62,8 @@ def get_config(arg: str = "rn18") -> ml_collections.ConfigDict:
     c.schedule = ml_collections.ConfigDict(dict(
         name="step", warmup_steps=0, boundaries=(0.6, 0.8), decay_factor=0.1))
     c.teacher = ml_collections.ConfigDict(dict(momentum=0.999, momentum_end=0.999))
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
-    c.eval = online_eval.default_config()  # set eval.data_path to a held-out split to enable
-    c.export = ml_collections.ConfigDict(dict(format="torchvision", which="teacher"))
+
+    if a.runlocal:
+        c.data.synthetic = common.synthetic(modality="seco", timesteps=TIMESTAMPS)
+        common.runlocal(c, f"seco_{a.backbone}", modality="seco", in_channels=3)
     return c

@@ -1,69 +1,59 @@
 """SoftCon continual pretraining on SSL4EO-S12 (the paper's setting, as far as it is public).
 
     python -m softcon_jax.train --config configs/softcon.py:vits14,s2c --workdir gs://.../run
-    # arg = "<backbone>,<modality>[,baseline]"
-    #   backbone: rn50 | vits14 | vitb14        modality: s2c (13 bands) | s2a (12) | s1 (2)
+    # arg = "<rn50|vits14|vitb14>,<s2c|s2a|s1>[,baseline][,runlocal]"
+    #   s2c: 13 bands, s2a: 12, s1: 2 (VV, VH)
     #   baseline: the plain MoCo-v3 seasonal baseline (InfoNCE, no label softening)
+    #   runlocal: tiny backbone on built-in synthetic data, a few steps on a CPU
 
 Start from DINO/DINOv2 weights with `--config.init.weights=/path/dinov2_vits14.pth`: the
 backbone is imported with `softcon_jax.interop.import_torch` and the first layer is
-re-initialised for the band count. Optimiser and schedule follow the MoCo-v3 recipe
-(REFERENCE §1): LARS for ResNet, AdamW for ViT, 10 warm-up epochs of 100.
+re-initialised for the band count. Optimizer and schedule follow MoCo-v3 (Chen et al. 2021;
+facebookresearch/moco-v3 `main_moco.py`), which SoftCon builds on: LARS for ResNet, AdamW
+for ViT, 10 warm-up epochs of 100, lr = base_lr x batch / 256.
 """
 
 import ml_collections
-from ml_collections import config_dict
 
-from softcon_jax import data as data_lib
-from softcon_jax import online_eval
+from configs import common
+from softcon_jax import defaults
 
-BACKBONES = {"rn50": "resnet50", "vits14": "vit_small_patch14_dinov2",
-             "vitb14": "vit_base_patch14_dinov2"}
+# name -> (registered backbone, architecture fields)
+BACKBONES = {
+    "rn50": ("resnet50", lambda: common.resnet_kwargs("bottleneck", (3, 4, 6, 3))),
+    "vits14": ("vit_small_patch14_dinov2", lambda: common.vit_kwargs(384, 12, 6)),
+    "vitb14": ("vit_base_patch14_dinov2", lambda: common.vit_kwargs(768, 12, 12)),
+}
 CHANNELS = {"s2c": 13, "s2a": 12, "s1": 2}
 NUM_LOCATIONS = 250_000  # SSL4EO-S12
 
 
-def get_config(arg: str = "vits14,s2c") -> ml_collections.ConfigDict:
-    parts = arg.split(",")
-    backbone, modality = parts[0], parts[1] if len(parts) > 1 else "s2c"
-    baseline = "baseline" in parts[2:]
-    if backbone not in BACKBONES or modality not in CHANNELS:
-        raise ValueError(f"configs/softcon.py:{arg}: expected '<{'|'.join(BACKBONES)}>,"
-                         f"<{'|'.join(CHANNELS)}>[,baseline]'.")
-    vit = backbone != "rn50"
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = common.parse_arg(arg, "configs/softcon.py", backbone=("vits14", "rn50", "vitb14"),
+                         modality=("s2c", "s2a", "s1"), baseline=False, runlocal=False)
+    vit = a.backbone != "rn50"
 
     c = ml_collections.ConfigDict()
     c.method = "softcon"
-    c.seed = 0
-    c.global_batch_size = 4096
-    epochs, warmup_epochs = 100, 10
-    steps_per_epoch = NUM_LOCATIONS // c.global_batch_size
-    c.total_steps = epochs * steps_per_epoch
-    c.stop_after_step = config_dict.placeholder(int)
-    c.grad_accum_steps = 1
-    c.log_every_steps = 50
-    c.nonfinite = "stop"
-    c.debug_transfer_guard = config_dict.placeholder(str)  # 'log'|'disallow': implicit copies
-    c.prefetch_to_device = 2  # batches placed on the devices ahead, by a thread
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    batch, epochs, warmup_epochs = 4096, 100, 10
+    steps_per_epoch = NUM_LOCATIONS // batch
+    common.run_block(c, batch=batch, steps=epochs * steps_per_epoch, checkpoint_every=500)
 
-    c.data = data_lib.default_config()
-    c.data.path = f"gs://YOUR_BUCKET/ssl4eo_s12/{modality}"
-    c.data.views = "softcon"
+    c.data = defaults.data()
+    c.data.path = f"gs://YOUR_BUCKET/ssl4eo_s12/{a.modality}"
     c.data.image_size = 224
-    c.data.in_channels = CHANNELS[modality]
-    c.data.stats = modality
+    c.data.in_channels = CHANNELS[a.modality]
+    c.data.stats = a.modality
     c.data.normalization = "softcon"
     c.data.num_workers = 16
 
     c.model = ml_collections.ConfigDict()
-    c.model.backbone = BACKBONES[backbone]
-    # ViT attention: None (XLA) or 'cudnn' (flash attention, NVIDIA GPUs in bf16).
-    c.model.backbone_kwargs = ml_collections.ConfigDict(
-        {"img_size": 224, "attention": config_dict.placeholder(str)} if vit else {})
+    name, kwargs = BACKBONES[a.backbone]
+    c.model.backbone = name
+    c.model.backbone_kwargs = kwargs()
     c.model.dtype = "bfloat16"
     c.model.batch_norm = "sync"
-    c.model.mask_ratio = 0.0
+    c.model.mask_ratio = 0.0  # Siamese masking of student patch tokens (ViT only)
     # MoCo-v3: ResNet projector has 2 layers and a predictor without last BN; ViT 3 and with.
     c.model.projector = ml_collections.ConfigDict(dict(
         hidden_dim=4096, out_dim=256, num_layers=3 if vit else 2, last_bn=True))
@@ -73,12 +63,12 @@ def get_config(arg: str = "vits14,s2c") -> ml_collections.ConfigDict:
     c.init = ml_collections.ConfigDict(dict(weights="", first_layer="reinit"))
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = "infonce" if baseline else "soft_contrastive"
+    c.loss.name = "infonce" if a.baseline else "soft_contrastive"
     c.loss.temperature = 0.2 if vit else 1.0
-    c.loss.moco_scale = True
-    c.loss.num_chunks = 1
+    c.loss.moco_scale = True  # multiply by 2 x temperature, as MoCo-v3
+    c.loss.num_chunks = 1     # > 1: blockwise logits for very large global batches
     c.loss.kwargs = ml_collections.ConfigDict(
-        {} if baseline else dict(soft_weight=1.0, variant="soft_ce"))
+        {} if a.baseline else dict(soft_weight=1.0, variant="soft_ce"))
 
     if vit:
         c.optimizer = ml_collections.ConfigDict(dict(
@@ -91,7 +81,8 @@ def get_config(arg: str = "vits14,s2c") -> ml_collections.ConfigDict:
     c.schedule = ml_collections.ConfigDict(dict(
         name="cosine", warmup_steps=warmup_epochs * steps_per_epoch, end_factor=0.0))
     c.teacher = ml_collections.ConfigDict(dict(momentum=0.99, momentum_end=1.0))
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
-    c.eval = online_eval.default_config()  # set eval.data_path to a held-out split to enable
-    c.export = ml_collections.ConfigDict(dict(format="timm", which="teacher"))
+
+    if a.runlocal:
+        common.runlocal(c, f"softcon_{a.backbone}_{a.modality}", modality=a.modality,
+                        in_channels=CHANNELS[a.modality])
     return c

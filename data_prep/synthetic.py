@@ -53,7 +53,10 @@ _VEG = np.array([0, 1, 1, 1, 1, 1, 0, 0, 0], np.float32)  # classes whose red ed
 _NIR_BANDS = [4, 5, 6, 7, 8]  # B5 B6 B7 B8 B8A in S2C order
 _SEASON_VIGOUR = np.array([0.9, 1.15, 0.95, 0.75], np.float32)  # spring, summer, autumn, winter
 
-_MODALITY_BANDS = {"s2c": S2C_BANDS, "s2a": S2A_BANDS, "s1": S1_BANDS}
+_MODALITY_BANDS = {"s2c": S2C_BANDS, "s2a": S2A_BANDS, "s1": S1_BANDS,
+                   # SeCo's 12 L2A bands stored as uint8 (reflectance x 255), as its GeoTIFFs
+                   "seco": S2A_BANDS}
+_MODALITY_DTYPE = {"s2c": "uint16", "s2a": "uint16", "s1": "float32", "seco": "uint8"}
 
 
 def default_modality(bands: int) -> str:
@@ -155,6 +158,8 @@ def make_example(index: int, *, seed: int, image_size: int, timesteps: int, moda
 
     if modality == "s1":
         image = images.astype(np.float32)
+    elif modality == "seco":
+        image = np.clip(np.rint(images * (255.0 / 10000.0)), 0, 255).astype(np.uint8)
     else:
         image = np.clip(np.rint(images), 0, 65535).astype(np.uint16)
     return {
@@ -172,7 +177,7 @@ def write_dataset(
     num_locations: int,
     num_shards: int,
     image_size: int = 64,
-    bands: int = 13,
+    bands: int | None = None,
     timesteps: int = 4,
     seed: int = 0,
     modality: str | None = None,
@@ -186,8 +191,12 @@ def write_dataset(
     Idempotent: when ``out_dir`` already holds a complete dataset made with
     the same parameters, it is reused as is.
     """
-    modality = modality or default_modality(bands)
+    modality = modality or default_modality(13 if bands is None else bands)
+    if modality not in _MODALITY_BANDS:
+        raise ValueError(f"synthetic modality {modality!r}; expected one of "
+                         f"{sorted(_MODALITY_BANDS)}")
     band_names = _MODALITY_BANDS[modality]
+    bands = len(band_names) if bands is None else bands
     if len(band_names) != bands:
         raise ValueError(f"modality {modality!r} has {len(band_names)} bands, not bands={bands}")
     params = dict(num_locations=num_locations, image_size=image_size, bands=bands,
@@ -206,7 +215,7 @@ def write_dataset(
         "dataset": "synthetic",
         "modality": modality,
         "bands": band_names,
-        "dtype": "float32" if modality == "s1" else "uint16",
+        "dtype": _MODALITY_DTYPE[modality],
         "timesteps": timesteps,
         "image_size": image_size,
         "num_classes": NUM_CLASSES,

@@ -14,14 +14,12 @@ from __future__ import annotations
 import json
 import os
 
-import jax
-import ml_collections
 from absl import app, flags, logging
 from etils import epath
 
-from softcon_jax import interop, methods, metrics, optim, sharding
-from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
+from softcon_jax import interop, logs
 from softcon_jax.data import normalize
+from softcon_jax.state import restore_backbone
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (with checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Output .safetensors path.")
@@ -52,35 +50,6 @@ def _normalization_record(data_config, bands) -> dict:
     return record
 
 
-def restore_backbone(workdir: str, step: int | None = None, which: str = "teacher"):
-    """Returns (backbone module, its variables, config, step) from a training checkpoint.
-
-    The state is restored onto a single device, whatever mesh it was trained on.
-    """
-    from softcon_jax.train import create_train_state  # the trainer defines the state layout
-
-    ckpt = Checkpointer(workdir, async_save=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first "
-                                    "(python -m softcon_jax.train ... --workdir "
-                                    f"{workdir}).")
-        if step not in ckpt.all_steps():
-            raise FileNotFoundError(f"--step={step}: no such checkpoint in {ckpt.directory};"
-                                    f" available steps: {ckpt.all_steps()}.")
-        config = ml_collections.ConfigDict(ckpt.restore_config(step))
-        mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
-        method = methods.get(config.method)(config, mesh)
-        tx, _ = optim.make_optimizer(config)
-        _, _, abstract, shardings = create_train_state(config, method, tx, mesh)
-        state = ckpt.restore(step, abstract_with_shardings(abstract, shardings))
-    finally:
-        ckpt.close()
-    variables = method.backbone_variables(state.model_state, state.params, which)
-    return method.backbone, jax.device_get(variables), config, step
-
-
 def export_workdir(workdir: str, out: str, fmt: str = "timm", step: int | None = None,
                    which: str = "teacher") -> str:
     model, variables, config, step = restore_backbone(workdir, step, which)
@@ -100,7 +69,7 @@ def main(argv):
     for flag in (_WORKDIR, _OUT):
         if flag.value is None:
             raise app.UsageError(f"--{flag.name} is required.")
-    metrics.quiet_library_logs()
+    logs.quiet_library_logs()
     out = export_workdir(_WORKDIR.value, _OUT.value, _FORMAT.value, _STEP.value, _WHICH.value)
     print(f"Exported {_WHICH.value} backbone to {out} (+ {out}.json sidecar)")
 

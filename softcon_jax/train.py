@@ -17,20 +17,20 @@ import contextlib
 import signal
 import time
 
-import flax.struct
 import grain
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from softcon_jax import data, distributed, methods, online_eval, optim, sharding
+from softcon_jax import data, distributed, logs, losses, methods, optim, sharding
+from softcon_jax.registry import import_modules
 from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
+from softcon_jax.data.source import ensure_synthetic_data
+from softcon_jax.evaluators.online_knn import OnlineKNN
+from softcon_jax.logs import MetricWriter, Progress
 from softcon_jax.methods.common import compute_dtype
-from softcon_jax import metrics as metrics_lib
-from softcon_jax.metrics import MetricWriter, Progress
+from softcon_jax.state import TrainState, create_train_state, load_pretrained_backbone
+from softcon_jax.step import jit_train_step, window_mean
 
 
 def _define_flags():
@@ -41,124 +41,7 @@ def _define_flags():
     flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
 
 
-# ==== Train state =========================================================================
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array           # number of updates applied so far
-    params: dict              # trainable (student) parameters
-    opt_state: optax.OptState
-    model_state: dict         # non-trained: BN statistics, EMA teacher, queues
-    num_nonfinite: jax.Array  # steps whose loss or gradient was not finite (never applied)
-
-
-def create_train_state(config, method, tx, mesh):
-    """Initialises the state directly in its sharded layout (jit with out_shardings)."""
-    example = method.example_batch(sharding.num_batch_shards(mesh))
-
-    def init(rng):
-        params, model_state = method.init(rng, example)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), model_state=model_state,
-                          num_nonfinite=jnp.zeros((), jnp.int32))
-
-    rng = jax.random.key(config.seed)
-    abstract = jax.eval_shape(init, rng)
-    shardings = sharding.state_shardings(abstract, mesh)
-    return jax.jit(init, out_shardings=shardings), rng, abstract, shardings
-
-
-def load_pretrained_backbone(config, method, state, state_shardings):
-    """Continual pretraining: both backbones start from a local PyTorch file.
-
-    `config.init.weights` is a timm / torchvision / DINOv2 `.safetensors` or `.pth`;
-    `config.init.first_layer` is 'reinit' (SoftCon's choice when the band count differs) or
-    'from_rgb'. DINOv2's position embedding is resampled to `config.data.image_size`.
-    """
-    from softcon_jax import interop  # reading .pth needs torch, imported lazily there
-
-    kwargs = config.model.get("backbone_kwargs", {}).to_dict()
-    img_size = kwargs.pop("img_size", config.data.image_size)
-    _, variables = interop.import_torch(
-        config.init.weights, config.model.backbone, config.data.in_channels,
-        first_layer=config.init.get("first_layer", "reinit"), img_size=img_size,
-        seed=config.seed, **kwargs)
-    params, model_state = method.with_backbone(state.params, state.model_state, variables)
-    # Optimizer state is zeros for every optimizer here, so it stays valid.
-    return jax.device_put(state.replace(params=params, model_state=model_state),
-                          state_shardings)
-
-
-# ==== Train step ==========================================================================
-
-def _microbatches(x, num: int, mesh):
-    """(B, ...) -> (num, B/num, ...) with strided rows, so each device keeps its share."""
-    x = x.reshape((x.shape[0] // num, num) + x.shape[1:])
-    x = jnp.swapaxes(x, 0, 1)
-    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)))
-
-
-def make_train_step(config, method, tx, schedule, mesh):
-    """Returns `train_step(state, batch) -> (state, metrics)`; the caller jits it."""
-    accum = int(config.get("grad_accum_steps", 1))
-    base_key = jax.random.key(config.seed)
-
-    def loss_and_grads(params, model_state, batch, rng, step):
-        grad_fn = jax.value_and_grad(method.loss, has_aux=True)
-        if accum == 1:
-            (loss, (model_state, metrics)), grads = grad_fn(params, model_state, batch, rng,
-                                                            step)
-            return loss, grads, model_state, metrics
-
-        # Gradient accumulation: each micro-batch is its own contrastive batch (its
-        # negatives are the micro-batch's), gradients are averaged.
-        def body(carry, xs):
-            grads_sum, model_state, i = carry
-            (loss, (model_state, metrics)), grads = grad_fn(
-                params, model_state, xs, jax.random.fold_in(rng, i), step)
-            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-            return (grads_sum, model_state, i + 1), (loss, metrics)
-
-        micro = jax.tree.map(lambda x: _microbatches(x, accum, mesh), batch)
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, model_state, _), (loss, metrics) = jax.lax.scan(
-            body, (zeros, model_state, 0), micro)
-        grads = jax.tree.map(lambda g: g / accum, grads)
-        return loss.mean(), grads, model_state, jax.tree.map(jnp.mean, metrics)
-
-    def train_step(state: TrainState, batch: dict):
-        rng = jax.random.fold_in(base_key, state.step)
-        loss, grads, model_state, metrics = loss_and_grads(
-            state.params, state.model_state, batch, rng, state.step)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        model_state, method_metrics = method.after_update(params, model_state, state.step)
-
-        # Numerical guard: a non-finite loss or gradient is never applied. The host then
-        # stops or goes on, as config.nonfinite says (see the loop).
-        grad_norm = optax.tree.norm(grads)
-        # The update too: a finite gradient times an overflowing learning rate is not.
-        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-                  & jnp.isfinite(optax.tree.norm(updates)))
-        updated = state.replace(params=params, opt_state=opt_state, model_state=model_state)
-        state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
-        state = state.replace(step=state.step + 1,
-                              num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32))
-        metrics = {**metrics, **method_metrics, "loss/total": loss,
-                   "train/lr": schedule(state.step - 1), "train/grad_norm": grad_norm}
-        return state, metrics
-
-    return train_step
-
-
-def jit_train_step(config, method, tx, schedule, mesh, state_shardings):
-    """Sharded, donated train step: state keeps its layout, the batch is split over devices."""
-    return jax.jit(make_train_step(config, method, tx, schedule, mesh),
-                   in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(state_shardings, sharding.replicated(mesh)),
-                   donate_argnums=(0,))
-
+# ==== Resume on another process count =====================================================
 
 def continue_input_at(data_iter, step: int) -> None:
     """Moves a fresh input iterator to batch `step`, for a checkpoint of another layout.
@@ -180,12 +63,6 @@ def continue_input_at(data_iter, step: int) -> None:
         raise RuntimeError(
             f"Cannot move this input pipeline to batch {step} ({e!r}); resume on the process "
             "count the checkpoint was written with.") from e
-
-
-@jax.jit
-def _window_mean(window: list[dict]) -> dict:
-    """Mean of each metric over the steps since the last log line (one device program)."""
-    return jax.tree.map(lambda *m: jnp.mean(jnp.stack(m)), *window)
 
 
 # ==== Preemption ==========================================================================
@@ -211,23 +88,6 @@ class NonFiniteError(RuntimeError):
 
 # ==== The run =============================================================================
 
-def ensure_synthetic_data(data_config):
-    """Writes the built-in synthetic dataset first when the config asks for one.
-
-    `config.data.synthetic` (a dict of `data_prep.synthetic.write_dataset` arguments) makes
-    the quickstart self-contained. Process 0 writes; the others wait at a barrier.
-    """
-    spec = data_config.get("synthetic")
-    if not spec:
-        return
-    if jax.process_index() == 0:
-        from data_prep import synthetic  # the converters are not needed otherwise
-        synthetic.write_dataset(data_config.path, **spec.to_dict())
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("synthetic data written")
-
-
 def validate(config, mesh):
     """Fails early, naming the config key, on settings that cannot work."""
     sharding.check_batch_divides(config.global_batch_size, mesh)
@@ -241,6 +101,8 @@ def validate(config, mesh):
             raise ValueError(f"config.global_batch_size={config.global_batch_size} is not "
                              f"divisible by config.grad_accum_steps={accum}.")
     compute_dtype(config)  # config.model.dtype
+    losses.check_options(config.loss.name, config.loss.get("kwargs"),
+                         framework=("temperature", "num_chunks", "row_offset"))
     data.view_dtype(config.data.get("dtype"), key="config.data.dtype")
     if config.nonfinite not in ("stop", "skip"):
         raise ValueError(f"config.nonfinite={config.nonfinite!r}; expected 'stop' or 'skip'.")
@@ -252,6 +114,7 @@ def validate(config, mesh):
 def train(config, workdir: str, *, devices=None) -> TrainState:
     """Runs (or resumes) pretraining in `workdir`; returns the final train state."""
     # --- mesh -----------------------------------------------------------------------------
+    import_modules(config.get("imports"))  # user losses / backbones / methods register here
     distributed.maybe_initialize()
     mesh = sharding.make_mesh(config.mesh, devices)
     validate(config, mesh)
@@ -302,7 +165,7 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
     batches = data.DevicePrefetcher(
         data_iter, lambda b: sharding.host_batch_to_global(b, mesh),
         int(config.get("prefetch_to_device", 2)))
-    monitor = online_eval.OnlineKNN(config, mesh, method)  # off unless config.eval asks
+    monitor = OnlineKNN.for_method(config, mesh, method)  # off unless config.eval asks
     writer = MetricWriter(workdir)
     progress = Progress(config.total_steps, config.global_batch_size, start)
     # One process: a Python SIGTERM handler sets a flag. Several: JAX's preemption service
@@ -351,7 +214,7 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
             window.append(metrics)  # device arrays: no host sync until the log step
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 # One fetch of the window's means and the non-finite count.
-                metrics, bad = jax.device_get((_window_mean(window), state.num_nonfinite))
+                metrics, bad = jax.device_get((window_mean(window), state.num_nonfinite))
                 window.clear()
                 timing = progress.timing(step)
                 bad = check_finite(step, int(bad))
@@ -390,7 +253,7 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    metrics_lib.quiet_library_logs()
+    logs.quiet_library_logs()
     train(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

@@ -16,10 +16,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import quickstart
-from softcon_jax import evaluate, interop, methods, models, online_eval, optim, report
-from softcon_jax import sharding, train
+from softcon_jax import defaults, evaluate, interop, methods, models, optim, pretrained, report
+from softcon_jax import sharding, state, train
 from softcon_jax.data import augment, normalize
-from softcon_jax.metrics import MetricWriter
+from softcon_jax.evaluators import backbone as backbone_lib
+from softcon_jax.evaluators import knn, linear_probe, metrics, tfds_datasets
+from softcon_jax.evaluators.online_knn import OnlineKNN
+from softcon_jax.logs import MetricWriter
 
 # ---- metrics against the definition ----------------------------------------------------
 
@@ -36,13 +39,13 @@ def _ap_by_definition(scores, labels):
 
 
 def test_average_precision_matches_definition_with_ties():
-    assert evaluate.average_precision([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx(
+    assert metrics.average_precision([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx(
         (1 / 1 + 2 / 3) / 2)
     rng = np.random.default_rng(0)
     scores = np.round(rng.random((80, 6)), 1)  # coarse: many tied scores
     labels = (rng.random((80, 6)) < 0.3).astype(np.float32)
     labels[:, 4] = 0  # a class without positives: excluded from macro
-    result = evaluate.mean_average_precision(scores, labels)
+    result = metrics.mean_average_precision(scores, labels)
     per_class = [_ap_by_definition(scores[:, c], labels[:, c]) for c in range(6) if c != 4]
     assert result["map_macro"] == pytest.approx(np.mean(per_class), abs=1e-12)
     assert result["map_micro"] == pytest.approx(
@@ -63,15 +66,15 @@ def test_knn_separates_planted_classes_and_is_chance_on_random_labels(weighting)
     onehot = np.eye(10, dtype=np.float32)
     kw = dict(k=20, temperature=0.07, weighting=weighting)
 
-    scores = evaluate.knn_scores_chunked(x_train.astype(np.float32), onehot[y_train],
+    scores = knn.knn_scores_chunked(x_train.astype(np.float32), onehot[y_train],
                                          x_test.astype(np.float32), **kw)
-    assert evaluate.top1_accuracy(scores, y_test) > 0.9
+    assert metrics.top1_accuracy(scores, y_test) > 0.9
 
     # Labels independent of the features: accuracy near 1/10.
-    scores = evaluate.knn_scores_chunked(x_train.astype(np.float32),
+    scores = knn.knn_scores_chunked(x_train.astype(np.float32),
                                          onehot[rng.permutation(y_train)],
                                          x_test.astype(np.float32), **kw)
-    assert abs(evaluate.top1_accuracy(scores, y_test) - 0.1) < 0.03
+    assert abs(metrics.top1_accuracy(scores, y_test) - 0.1) < 0.03
 
 
 def test_linear_probe_learns_planted_labels_single_and_multilabel():
@@ -80,21 +83,21 @@ def test_linear_probe_learns_planted_labels_single_and_multilabel():
     y = rng.integers(0, 5, 1500)
     x = (centers[y] + 0.5 * rng.normal(size=(1500, 24))) * 3.0 + 5.0  # unstandardised
     x = x.astype(np.float32)
-    probe = evaluate.train_linear_probe(x[:1000], y[:1000], num_classes=5,
+    probe = linear_probe.train_linear_probe(x[:1000], y[:1000], num_classes=5,
                                         multilabel=False)
-    assert evaluate.top1_accuracy(probe.logits(x[1000:]), y[1000:]) > 0.9
+    assert metrics.top1_accuracy(probe.logits(x[1000:]), y[1000:]) > 0.9
 
     # Multi-label: each sample is tagged with its own class and its cluster's "neighbour".
     multi = np.eye(5, dtype=np.float32)[y] + np.eye(5, dtype=np.float32)[(y + 1) % 5]
-    probe = evaluate.train_linear_probe(x[:1000], multi[:1000], num_classes=5,
+    probe = linear_probe.train_linear_probe(x[:1000], multi[:1000], num_classes=5,
                                         multilabel=True)
-    assert evaluate.mean_average_precision(probe.logits(x[1000:]),
+    assert metrics.mean_average_precision(probe.logits(x[1000:]),
                                            multi[1000:])["map_macro"] > 0.9
     shuffled = multi[rng.permutation(1500)]
-    probe = evaluate.train_linear_probe(x[:1000], shuffled[:1000], num_classes=5,
+    probe = linear_probe.train_linear_probe(x[:1000], shuffled[:1000], num_classes=5,
                                         multilabel=True)
     prevalence = shuffled[1000:].mean(axis=0)  # the AP of uninformative scores
-    got = evaluate.mean_average_precision(probe.logits(x[1000:]), shuffled[1000:])
+    got = metrics.mean_average_precision(probe.logits(x[1000:]), shuffled[1000:])
     assert abs(got["map_macro"] - prevalence.mean()) < 0.08
 
 
@@ -111,17 +114,17 @@ def _tiny_backbone(img_size=16):
 
 
 def test_bigearthnet_input_band_order_normalisation_and_zero_b10():
-    backbone = evaluate.Backbone(None, {}, list(normalize.S2C_BANDS),
-                                 normalize.make_normalizer("softcon", "s2c",
-                                                           normalize.S2C_BANDS),
-                                 {"name": "softcon", "stats": "s2c"}, 16, 0, "test")
+    backbone = backbone_lib.Backbone(None, {}, list(normalize.S2C_BANDS),
+                                     normalize.make_normalizer("softcon", "s2c",
+                                                               normalize.S2C_BANDS),
+                                     {"name": "softcon", "stats": "s2c"}, 16, 0, "test")
     rng = np.random.default_rng(3)
     sizes = {"B01": 20, "B09": 20, "B02": 120, "B03": 120, "B04": 120, "B08": 120}
     batch = {b: rng.uniform(0, 5000, (2, sizes.get(b, 60), sizes.get(b, 60)))
-             .astype(np.float32) for b in evaluate.BIGEARTHNET_BANDS}
+             .astype(np.float32) for b in tfds_datasets.BIGEARTHNET_BANDS}
     batch["target"] = np.zeros((2, 43), np.float32)
-    bands, _ = evaluate._bigearthnet_to_bands(batch, "43")
-    x = evaluate.model_input(bands, backbone, "bigearthnet")
+    bands, _ = tfds_datasets._bigearthnet_to_bands(batch, "43")
+    x = backbone_lib.model_input(bands, backbone, "bigearthnet")
     assert x.shape == (2, 120, 120, 13)
     assert np.all(x[..., normalize.S2C_BANDS.index("B10")] == 0.0)
     # B8A (60 px, upsampled) lands at model channel 8 with SoftCon's formula.
@@ -136,13 +139,13 @@ def test_bigearthnet_input_band_order_normalisation_and_zero_b10():
 def test_eurosat_b8a_is_reordered_and_device_resize_matches_pipeline():
     img = np.zeros((1, 64, 64, 13), np.float32)
     img[..., 12] = 7.0  # TIFF channel 13 is B8A
-    bands, _ = evaluate._eurosat_to_bands({"image": img, "target": np.zeros(1)}, "19")
+    bands, _ = tfds_datasets._eurosat_to_bands({"image": img, "target": np.zeros(1)}, "19")
     assert np.all(bands["B8A"] == 7.0) and np.all(bands["B9"] == 0.0)
 
     model, variables = _tiny_backbone(img_size=24)
-    backbone = evaluate.Backbone(model, variables, list(normalize.S2C_BANDS), None, {}, 24,
-                                 0, "test")
-    ext = evaluate.FeatureExtractor(backbone, batch_size=8)
+    backbone = backbone_lib.Backbone(model, variables, list(normalize.S2C_BANDS), None, {}, 24,
+                                     0, "test", features_fn=pretrained.features_fn(model))
+    ext = tfds_datasets.FeatureExtractor(backbone, batch_size=8)
     x = np.random.default_rng(4).random((8, 64, 64, 13), dtype=np.float32)
     for size in (24, 100):  # down and up
         resize = jax.jit(lambda v, s=size: jax.image.resize(
@@ -160,8 +163,8 @@ def test_eurosat_b8a_is_reordered_and_device_resize_matches_pipeline():
 
 def _planted_eurosat(num_train=200, num_test=100):
     """as_dataset_fn: class-dependent spectra (TIFF band order), different train/test draws."""
-    mean = np.array([normalize.STATS["s2c"][b]["mean"] for b in evaluate.EUROSAT_BANDS])
-    std = np.array([normalize.STATS["s2c"][b]["std"] for b in evaluate.EUROSAT_BANDS])
+    mean = np.array([normalize.STATS["s2c"][b]["mean"] for b in tfds_datasets.EUROSAT_BANDS])
+    std = np.array([normalize.STATS["s2c"][b]["std"] for b in tfds_datasets.EUROSAT_BANDS])
     signature = np.random.default_rng(10).uniform(-1.5, 1.5, (10, 13))
 
     def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
@@ -212,7 +215,7 @@ def _config(tmp_path):
     config.log_every_steps = 1
     config.checkpoint.every_steps = 2
     config.checkpoint.async_save = False
-    config.eval = online_eval.default_config()
+    config.eval = defaults.online_eval()
     config.eval.update(dict(every_steps=1, data_path=str(tmp_path / "eval_data"),
                             num_train=40, num_val=16, knn_k=5, batch_size=16))
     config.eval.synthetic = dict(num_locations=64, num_shards=1, image_size=20, bands=13,
@@ -237,9 +240,9 @@ def monitored(trained):
     mesh = sharding.make_mesh(config.mesh)
     method = methods.get(config.method)(config, mesh)
     tx, _ = optim.make_optimizer(config)
-    init_fn, rng, _, shardings = train.create_train_state(config, method, tx, mesh)
+    init_fn, rng, _, shardings = state.create_train_state(config, method, tx, mesh)
     states = [init_fn(rng), jax.device_put(trained_state, shardings)]
-    monitor = online_eval.OnlineKNN(config, mesh, method)
+    monitor = OnlineKNN.for_method(config, mesh, method)
     results = [monitor.maybe_run(step, s) for step, s in zip((1, 2), states)]
     writer = MetricWriter(workdir)
     for step, result in zip((1, 2), results):
@@ -260,7 +263,7 @@ def test_online_knn_runs_without_recompiling(trained, monitored):
         assert 0.0 < result["eval/knn_map_macro"] <= 1.0
 
     # The jitted, sharded forward equals eval-mode features computed directly.
-    variables = monitor.variables(states[1])
+    variables = monitor.variables(states[1])  # the trainer's backbone variables
     _, feats = monitor._run(variables, monitor.images)
     images = np.asarray(monitor.images, np.float32).reshape((-1,) + monitor.images.shape[2:])
     want = interop.backbone_features(method.backbone, jax.device_get(variables), images)
@@ -269,9 +272,9 @@ def test_online_knn_runs_without_recompiling(trained, monitored):
 
     other = ml_collections.ConfigDict(config.to_dict())
     other.eval.every_steps = 0  # off
-    assert online_eval.OnlineKNN(other, None, method).maybe_run(2, states[1]) is None
+    assert OnlineKNN.for_method(other, None, method).maybe_run(2, states[1]) is None
     other.eval.every_steps = 2
-    assert online_eval.OnlineKNN(other, monitor.mesh, method).maybe_run(3, states[1]) is None
+    assert OnlineKNN.for_method(other, monitor.mesh, method).maybe_run(3, states[1]) is None
 
 
 def test_workdir_bigearthnet_linear_end_to_end(trained):

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 import helpers
 from configs import quickstart, seco
+from softcon_jax import state as state_lib, step as step_lib
 from softcon_jax import interop, methods, optim, sharding, train
 
 
@@ -45,11 +46,11 @@ def _steps(config, devices, batch, n=2):
     mesh = sharding.make_mesh(config.mesh, devices)
     method = methods.get(config.method)(config, mesh)
     tx, schedule = optim.make_optimizer(config)
-    init_fn, rng, _, shardings = train.create_train_state(config, method, tx, mesh)
+    init_fn, rng, _, shardings = state_lib.create_train_state(config, method, tx, mesh)
     state = init_fn(rng)
     if n == 0:
         return jax.device_get(state), None
-    step = train.jit_train_step(config, method, tx, schedule, mesh, shardings)
+    step = step_lib.jit_train_step(config, method, tx, schedule, mesh, shardings)
     for _ in range(n):
         state, metrics = step(state, sharding.host_batch_to_global(batch, mesh))
     return jax.device_get(state), jax.device_get(metrics)
@@ -122,8 +123,8 @@ def test_warm_start_from_timm_weights_reinitialises_only_the_first_layer(tmp_pat
     mesh = sharding.make_mesh(config.mesh)
     method = methods.get("softcon")(config, mesh)
     tx, _ = optim.make_optimizer(config)
-    init_fn, rng, _, shardings = train.create_train_state(config, method, tx, mesh)
-    state = train.load_pretrained_backbone(config, method, init_fn(rng), shardings)
+    init_fn, rng, _, shardings = state_lib.create_train_state(config, method, tx, mesh)
+    state = state_lib.load_pretrained_backbone(config, method, init_fn(rng), shardings)
 
     for which in ("student", "teacher"):
         variables = jax.device_get(method.backbone_variables(state.model_state, state.params,

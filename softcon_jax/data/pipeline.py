@@ -20,14 +20,14 @@ from collections.abc import Callable
 from typing import Any
 
 import grain
-import ml_collections
-from ml_collections import config_dict
 import numpy as np
 
+from softcon_jax import defaults
 from softcon_jax.data import augment, normalize, records
-from softcon_jax.data.source import load_metadata, open_dataset  # noqa: F401 (re-exported)
+from softcon_jax.data.source import open_dataset
 
 _VIEWS: dict[str, type] = {}
+default_config = defaults.data  # the data_config defaults (pure ml_collections)
 
 # Reference augmentation defaults per method (REFERENCE §1, §2).
 _DEFAULT_AUGMENT = {
@@ -37,44 +37,6 @@ _DEFAULT_AUGMENT = {
     # (jitter 0.8, grayscale 0.2, blur 0.5, flip) on k0 and k2 only.
     "seco": augment.AugmentParams(crop_scale=(0.2, 1.0), blur_prob=(0.5,)),
 }
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Defaults for ``build_dataset``; ``augment`` fields left None take the
-    reference values of the chosen ``views`` method.
-
-    None-valued fields are typed placeholders, so every one of them can be set from the
-    command line (``--config.data.augment.crop_scale='(0.3, 1.0)'``).
-    """
-    ph = config_dict.placeholder
-    return ml_collections.ConfigDict({
-        "path": "",                  # directory with metadata.json + shards
-        "views": "softcon",          # 'softcon' | 'seco' (registry)
-        "image_size": 224,           # output views are image_size x image_size
-        "in_channels": 13,           # must equal the number of (selected) bands
-        "dtype": ph(str),            # views' dtype; None = float32, or in the trainer the
-                                     # model's compute dtype (config.model.dtype)
-        "bands": ph(tuple),          # None = all bands of the metadata, or band names
-        "normalization": "softcon",  # 'softcon' | 'zscore' | 'seco_quantile'
-        "stats": "s2c",              # 's2c' | 's2a' | 's1' | 'seco' | 'dataset' (measured)
-        "stats_sample": 64,          # records read to measure stats='dataset'
-        "num_workers": 0,            # worker processes (grain mp_prefetch); 0 = none
-        "worker_buffer_size": 2,     # batches buffered per worker
-        "read_threads": 2,           # threads per process computing batches
-        "prefetch_buffer_size": 2,   # batches prefetched by those threads
-        "augment": {
-            "crop_scale": ph(tuple),      # softcon (0.08, 1.0), seco (0.2, 1.0)
-            "crop_ratio": ph(tuple),      # (3/4, 4/3)
-            "hflip_prob": ph(float),      # 0.5
-            "jitter_prob": ph(float),     # 0.8
-            "brightness": ph(float),      # 0.4
-            "contrast": ph(float),        # 0.4
-            "per_band_jitter": ph(bool),  # True: independent factors per band
-            "grayscale_prob": ph(float),  # 0.2
-            "blur_prob": ph(tuple),       # softcon (1.0, 0.1) per view; seco (0.5,)
-            "blur_sigma": ph(tuple),      # (0.1, 2.0)
-        },
-    })
 
 
 def register_views(name: str) -> Callable[[type], type]:

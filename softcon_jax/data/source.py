@@ -13,6 +13,7 @@ import json
 import os
 
 import grain
+import jax
 from etils import epath
 
 
@@ -47,3 +48,22 @@ def open_dataset(path: str) -> Dataset:
         if not epath.Path(p).exists():
             raise FileNotFoundError(f"shard {p} listed in {meta_path} does not exist")
     return Dataset(path, meta, meta_path, grain.sources.ArrayRecordDataSource(paths))
+
+
+def ensure_synthetic_data(data_config):
+    """Writes the built-in synthetic dataset first when the config asks for one.
+
+    `config.data.synthetic` (`enabled` plus `data_prep.synthetic.write_dataset` arguments)
+    makes the quickstart and the `runlocal` configs self-contained; turn it off with
+    `--config.data.synthetic.enabled=False`. Process 0 writes; the others wait at a barrier.
+    """
+    spec = data_config.get("synthetic")
+    if not spec or not spec.get("enabled", True):
+        return
+    if jax.process_index() == 0:
+        from data_prep import synthetic  # the converters are not needed otherwise
+        kwargs = {k: v for k, v in spec.to_dict().items() if k != "enabled"}
+        synthetic.write_dataset(data_config.path, **kwargs)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("synthetic data written")

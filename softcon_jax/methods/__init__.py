@@ -5,7 +5,7 @@ becomes a loss, and what happens to the non-trained networks (EMA teacher, queue
 each update. The trainer (`softcon_jax.train`) owns everything else. A method is a class
 with this interface:
 
-    method = METHODS[name](config, mesh)
+    method = METHODS.get(name)(config, mesh)      # @METHODS.register("name") on the class
     params, model_state = method.init(rng, batch)          # trainable / non-trainable trees
     loss, (model_state, metrics) = method.loss(params, model_state, batch, rng, step)
     model_state, metrics = method.after_update(params, model_state, step)
@@ -17,13 +17,14 @@ with this interface:
 
 from __future__ import annotations
 
+from softcon_jax.methods.common import METHODS
 from softcon_jax.methods.seco import SeCo
 from softcon_jax.methods.softcon import SoftCon
 
-METHODS = {"softcon": SoftCon, "seco": SeCo}
-
 
 def get(name: str):
-    if name not in METHODS:
-        raise ValueError(f"config.method={name!r} is unknown; available: {sorted(METHODS)}.")
-    return METHODS[name]
+    """The method class registered under `name` (`config.method`)."""
+    return METHODS.get(name)
+
+
+__all__ = ["METHODS", "SeCo", "SoftCon", "get"]

@@ -10,7 +10,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from softcon_jax import losses
+from softcon_jax.registry import Registry
 from softcon_jax.sharding import BATCH_AXES
+
+# Method classes by `config.method`; each method module registers its class.
+METHODS: Registry[type] = Registry("method", "config.method")
 
 
 class Encoder(nn.Module):

@@ -38,6 +38,7 @@ class MultiHeadEncoder(nn.Module):
         return feats, jnp.stack(heads)
 
 
+@common.METHODS.register("seco")
 class SeCo:
     """See module docstring and `softcon_jax.methods` for the interface."""
 

@@ -17,6 +17,7 @@ from softcon_jax.methods import common
 from softcon_jax.optim import teacher_momentum
 
 
+@common.METHODS.register("softcon")
 class SoftCon:
     """See module docstring and `softcon_jax.methods` for the interface."""
 

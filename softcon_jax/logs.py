@@ -1,4 +1,7 @@
-"""Metrics: TensorBoard scalars (process 0 only) and a console progress line."""
+"""Run logs: TensorBoard scalars (process 0 only), the console progress line, quiet libraries.
+
+The metrics themselves (mAP, kNN, ...) live in `softcon_jax.evaluators`.
+"""
 
 from __future__ import annotations
 
@@ -25,13 +28,13 @@ def quiet_library_logs():
 
 
 class MetricWriter:
-    """Writes scalars to `WORKDIR/tensorboard` on process 0; a no-op on other processes."""
+    """Writes scalars to `WORKDIR/<subdir>` on process 0; a no-op on other processes."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, subdir: str = "tensorboard"):
         self._writer = None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
-            self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._writer = SummaryWriter(os.path.join(workdir, subdir) if subdir else workdir)
 
     def write_scalars(self, step: int, scalars: dict):
         if self._writer is None:

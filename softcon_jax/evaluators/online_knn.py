@@ -9,8 +9,8 @@ query image's Dynamic World labels from its `knn_k` nearest bank images:
 
 (DINO's weighted vote, T = `knn_temperature`, applied to multi-hot labels). Reported:
 `eval/knn_top1` (the highest-scored class is one of the query's labels, i.e. precision@1),
-`eval/knn_map_micro`, `eval/knn_map_macro` (average precision, `evaluate.mean_average_
-precision`) and `eval/knn_time_s`. Multi-label kNN is used because Dynamic World labels are
+`eval/knn_map_micro`, `eval/knn_map_macro` (average precision,
+`evaluators.metrics.mean_average_precision`) and `eval/knn_time_s`. Multi-label kNN is used because Dynamic World labels are
 multi-hot without class fractions: a "dominant" class is not recorded, and the first listed
 class is just the lowest class index.
 
@@ -42,26 +42,15 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from softcon_jax import data as data_lib
+from softcon_jax import defaults
 from softcon_jax import sharding as sharding_lib
 from softcon_jax.data import augment, records
-from softcon_jax.evaluate import knn_scores, mean_average_precision
+from softcon_jax.data.source import ensure_synthetic_data
+from softcon_jax.evaluators.knn import knn_scores
+from softcon_jax.evaluators.metrics import mean_average_precision
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """Defaults of `config.eval` (the online monitor)."""
-    return ml_collections.ConfigDict({
-        "every_steps": 500,        # 0 = off
-        "data_path": "",           # held-out ArrayRecord dataset (metadata.json); '' = off
-        "num_train": 1024,         # bank (labelled locations)
-        "num_val": 256,            # queries (the next labelled locations)
-        "knn_k": 20,
-        "knn_temperature": 0.07,
-        "batch_size": 256,         # forward batch inside the jitted call (global)
-        "which": "teacher",        # backbone to monitor
-        # Optional: write a data_prep.synthetic dataset to data_path first (quickstart);
-        # a dict of write_dataset arguments, e.g. dict(num_locations=256, seed=1, ...).
-        "synthetic": None,
-    })
+default_config = defaults.online_eval  # the config.eval defaults
 
 
 def _labelled_samples(path: str, count: int) -> list[tuple[int, int, np.ndarray]]:
@@ -83,10 +72,26 @@ class OnlineKNN:
     """Periodic kNN evaluation of the backbone during pretraining (see module docstring).
 
     Construct after the train state; call `maybe_run(step, state)` after every step on
-    every process. It returns None, or scalars to log.
+    every process. It returns None, or scalars to log. The monitor knows no method: it
+    gets `features_fn(variables, x) -> (B, D)` (eval mode) and `variables_fn(state) ->
+    variables` of the backbone to monitor (`for_method` builds both from a method).
     """
 
-    def __init__(self, config: Any, mesh: Mesh, method: Any):
+    @classmethod
+    def for_method(cls, config: Any, mesh: Mesh, method: Any) -> "OnlineKNN":
+        cfg = config.get("eval") or default_config()
+        which = cfg.get("which", "teacher")
+
+        def features_fn(variables, x):
+            return method.backbone.apply(variables, x, train=False)
+
+        def variables_fn(state):
+            v = method.backbone_variables(state.model_state, state.params, which)
+            return {k: v[k] for k in ("params", "batch_stats") if k in v}
+
+        return cls(config, mesh, features_fn, variables_fn)
+
+    def __init__(self, config: Any, mesh: Mesh, features_fn: Any, variables_fn: Any):
         cfg = config.get("eval") or default_config()
         self.every = int(cfg.get("every_steps", 0) or 0)
         self.enabled = self.every > 0 and bool(cfg.get("data_path"))
@@ -94,8 +99,8 @@ class OnlineKNN:
             logging.info("Online kNN off: config.eval.data_path is empty.")
         if not self.enabled:
             return
-        self.cfg, self.mesh, self.method = cfg, mesh, method
-        self.which = cfg.get("which", "teacher")
+        self.cfg, self.mesh = cfg, mesh
+        self.features_fn, self.variables = features_fn, variables_fn
         self.k = int(cfg.knn_k)
         if self.k < 1:
             raise ValueError(f"config.eval.knn_k={self.k}; expected >= 1.")
@@ -113,10 +118,8 @@ class OnlineKNN:
 
     @staticmethod
     def _maybe_write_synthetic(cfg) -> None:
-        if not cfg.get("synthetic"):
+        if not cfg.get("synthetic") or not cfg.synthetic.get("enabled", True):
             return
-        from softcon_jax.train import ensure_synthetic_data  # lazy: train imports us
-
         spec = cfg.synthetic
         ensure_synthetic_data(ml_collections.ConfigDict(
             {"path": cfg.data_path,
@@ -177,7 +180,7 @@ class OnlineKNN:
         return jax.make_array_from_callback(padded.shape, spec, lambda idx: padded[idx])
 
     def _build(self, temperature: float):
-        backbone, mesh = self.method.backbone, self.mesh
+        features_fn, mesh = self.features_fn, self.mesh
         n_train, n_val, k = self.num_train, self.num_val, self.k
         bank_labels = jnp.asarray(self.bank_labels)
         batch = sharding_lib.batch_sharding(mesh)
@@ -185,7 +188,7 @@ class OnlineKNN:
         def run(variables, images):
             def embed(x):
                 x = jax.lax.with_sharding_constraint(x, batch)
-                return backbone.apply(variables, x, train=False).astype(jnp.float32)
+                return features_fn(variables, x).astype(jnp.float32)
 
             feats = jax.lax.map(embed, images)
             feats = feats.reshape((-1, feats.shape[-1]))
@@ -197,10 +200,6 @@ class OnlineKNN:
         return jax.jit(run, out_shardings=(replicated, batch))
 
     # --- per step ----------------------------------------------------------------------
-
-    def variables(self, state) -> dict:
-        v = self.method.backbone_variables(state.model_state, state.params, self.which)
-        return {k: v[k] for k in ("params", "batch_stats") if k in v}
 
     def run(self, state) -> dict:
         """Evaluates now; returns the scalars."""

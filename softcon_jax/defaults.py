@@ -1,0 +1,80 @@
+"""Config defaults shared by the configs and the library, as plain `ml_collections`.
+
+This module imports nothing but ml_collections, so `configs/*.py` can use it without
+loading JAX or the training stack (`python -c "import configs.softcon"` stays light).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def data() -> ml_collections.ConfigDict:
+    """`config.data`: defaults of `softcon_jax.data.build_dataset`. `augment` fields left
+    None take the reference values of the chosen `views` (the method's own defaults).
+
+    None-valued fields are typed placeholders, so every one of them can be set from the
+    command line (``--config.data.augment.crop_scale='(0.3, 1.0)'``).
+    """
+    ph = config_dict.placeholder
+    return ml_collections.ConfigDict({
+        "path": "",                  # directory with metadata.json + shards
+        "views": "softcon",          # 'softcon' | 'seco' (registry)
+        "image_size": 224,           # output views are image_size x image_size
+        "in_channels": 13,           # must equal the number of (selected) bands
+        "dtype": ph(str),            # views' dtype; None = float32, or in the trainer the
+                                     # model's compute dtype (config.model.dtype)
+        "bands": ph(tuple),          # None = all bands of the metadata, or band names
+        "normalization": "softcon",  # 'softcon' | 'zscore' | 'seco_quantile'
+        "stats": "s2c",              # 's2c' | 's2a' | 's1' | 'seco' | 'dataset' (measured)
+        "stats_sample": 64,          # records read to measure stats='dataset'
+        "num_workers": 0,            # worker processes (grain mp_prefetch); 0 = none
+        "worker_buffer_size": 2,     # batches buffered per worker
+        "read_threads": 2,           # threads per process computing batches
+        "prefetch_buffer_size": 2,   # batches prefetched by those threads
+        # The built-in synthetic dataset, written to `path` first when enabled (quickstart,
+        # runlocal configs); only into an empty directory or one holding the same dataset.
+        "synthetic": synthetic(enabled=False),
+        "augment": {
+            "crop_scale": ph(tuple),      # softcon (0.08, 1.0), seco (0.2, 1.0)
+            "crop_ratio": ph(tuple),      # (3/4, 4/3)
+            "hflip_prob": ph(float),      # 0.5
+            "jitter_prob": ph(float),     # 0.8
+            "brightness": ph(float),      # 0.4
+            "contrast": ph(float),        # 0.4
+            "per_band_jitter": ph(bool),  # True: independent factors per band
+            "grayscale_prob": ph(float),  # 0.2
+            "blur_prob": ph(tuple),       # softcon (1.0, 0.1) per view; seco (0.5,)
+            "blur_sigma": ph(tuple),      # (0.1, 2.0)
+        },
+    })
+
+
+def online_eval() -> ml_collections.ConfigDict:
+    """Defaults of `config.eval` (the online monitor)."""
+    return ml_collections.ConfigDict({
+        "every_steps": 500,        # 0 = off
+        "data_path": "",           # held-out ArrayRecord dataset (metadata.json); '' = off
+        "num_train": 1024,         # bank (labelled locations)
+        "num_val": 256,            # queries (the next labelled locations)
+        "knn_k": 20,
+        "knn_temperature": 0.07,
+        "batch_size": 256,         # forward batch inside the jitted call (global)
+        "which": "teacher",        # backbone to monitor
+        # Optional: write a data_prep.synthetic dataset to data_path first (quickstart).
+        "synthetic": synthetic(enabled=False),
+    })
+
+
+def synthetic(*, enabled: bool = True, modality: str = "s2c", num_locations: int = 64,
+              num_shards: int = 2, image_size: int = 20, timesteps: int = 4,
+              seed: int = 0) -> ml_collections.ConfigDict:
+    """`config.data.synthetic`: `enabled` plus `data_prep.synthetic.write_dataset` arguments.
+
+    modality: 's2c' (13 bands, uint16), 's2a' (12, uint16), 's1' (2, float32 dB) or 'seco'
+    (12 bands, uint8 reflectance x 255, as SeCo's GeoTIFFs).
+    """
+    return ml_collections.ConfigDict(dict(
+        enabled=enabled, modality=modality, num_locations=num_locations,
+        num_shards=num_shards, image_size=image_size, timesteps=timesteps, seed=seed))
