@@ -66,9 +66,12 @@ def get_config(arg: str = "rn18") -> ml_collections.ConfigDict:
     # False + queues = exactly the reference SeCo loss.
     c.loss.kwargs = ml_collections.ConfigDict(dict(batch_negatives=False))
 
+    # decay_mask='all': the official SeCo (models/moco2_module.py configure_optimizers)
+    # builds its SGD on the encoder's and heads' parameters() with weight_decay=1e-4, so
+    # every parameter, biases and BatchNorm included, is decayed.
     c.optimizer = ml_collections.ConfigDict(dict(
         name="sgd", lr=0.03, lr_scale_batch=0, weight_decay=1e-4, momentum=0.9,
-        grad_clip_norm=0.0))
+        grad_clip_norm=0.0, decay_mask="all"))
     c.schedule = ml_collections.ConfigDict(dict(
         name="step", warmup_steps=0, boundaries=(0.6, 0.8), decay_factor=0.1))
     c.teacher = ml_collections.ConfigDict(dict(momentum=0.999, momentum_end=0.999))
