@@ -56,6 +56,14 @@ def get_config(arg: str = "vits14,s2c") -> ml_collections.ConfigDict:
     c.data.in_channels = CHANNELS[modality]
     c.data.stats = modality
     c.data.normalization = "softcon"
+    # Kept different from the reference on purpose: the two views come from two *distinct*
+    # seasons, because the labels are per season and the soft target compares them.
+    # SSL4EO-S12 MoCo-v3 season='augment' draws them independently (they can coincide,
+    # about once in 4): --config.data.season_sampling=independent.
+    c.data.season_sampling = "distinct"
+    # Floats in training (no quantisation noise); the SSL4EO-S12 / SoftCon normalize()
+    # truncates to uint8 first: --config.data.quantize_uint8=True (at most 1/255 apart).
+    c.data.quantize_uint8 = False
     c.data.num_workers = 16
 
     c.model = ml_collections.ConfigDict()
