@@ -233,3 +233,14 @@ def test_quantize_uint8_config_key_reaches_the_views():
     assert not pipeline.build_views_transform(cfg, meta, "m.json").normalizer.quantize
     cfg.quantize_uint8 = True
     assert pipeline.build_views_transform(cfg, meta, "m.json").normalizer.quantize
+
+
+def test_evaluation_can_feed_released_weights_the_quantised_input():
+    from softcon_jax import evaluate
+    args = evaluate._parser().parse_args(["--weights", "w.safetensors", "--task",
+                                          evaluate.available_tasks()[0], "--quantize-uint8"])
+    assert args.quantize_uint8 is True
+    n = evaluate._make_normalizer("softcon", "s2c", normalize.S2C_BANDS, "here",
+                                  quantize=args.quantize_uint8)
+    x = np.random.default_rng(0).integers(0, 6000, (4, 4, 13)).astype(np.float32)
+    np.testing.assert_array_equal(n(x) * 255, np.round(n(x) * 255))  # uint8 steps
