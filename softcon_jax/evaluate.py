@@ -317,7 +317,8 @@ def load_from_workdir(workdir: str, step: int | None = None, which: str = "teach
     if stats == "dataset":
         meta, meta_path = data_lib.load_metadata(d.path)
         d = d.copy_and_resolve_references()
-        d.quantize_uint8 = quantize_uint8
+        with d.unlocked():  # checkpoints from before the key existed
+            d.quantize_uint8 = bool(quantize_uint8)
         normalizer = data_lib.build_views_transform(d, meta, meta_path).normalizer
     else:
         normalizer = _make_normalizer(name, stats, bands, where, quantize=quantize_uint8)
