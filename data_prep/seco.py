@@ -3,7 +3,8 @@
 Tree: ``ROOT/<location>/<product id>/<band>.tif``, 5 timestamps per location,
 12 bands (no B10), uint8. Only the timestamp *folders* are read: the RGB
 preview files ``<product id>.tif`` that SeCo-100k keeps next to them are
-ignored. Timestamps are stored in acquisition-date order. 20 m / 60 m bands are resampled to the 10 m grid (bilinear).
+ignored. Timestamps are stored in acquisition-date order. 20 m / 60 m bands are
+resampled to the 10 m grid (bilinear).
 SeCo has no labels: ``labels`` are zeros and ``has_label`` False.
 
     python -m data_prep.seco --root seasonal_contrast_1m --out DIR --num-shards 64
