@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from softcon_jax.registry import Registry
+
 # timm's convention: these embeddings get no weight decay, like norms and biases.
 _NO_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token")
 
@@ -49,16 +51,14 @@ def decay_all(params):
     return jax.tree.map(lambda _: True, params)
 
 
-DECAY_MASKS = {"all": decay_all, "no_bias_norm": decay_mask}
+DECAY_MASKS: Registry[Callable] = Registry("weight-decay mask", "config.optimizer.decay_mask")
+DECAY_MASKS.register("all", decay_all)
+DECAY_MASKS.register("no_bias_norm", decay_mask)
 
 
 def get_decay_mask(c) -> Callable:
     """The mask function named by `config.optimizer.decay_mask` (default `no_bias_norm`)."""
-    name = c.get("decay_mask", "no_bias_norm") or "no_bias_norm"
-    if name not in DECAY_MASKS:
-        raise ValueError(f"config.optimizer.decay_mask={name!r} is unknown; available: "
-                         f"{sorted(DECAY_MASKS)}.")
-    return DECAY_MASKS[name]
+    return DECAY_MASKS.get(c.get("decay_mask", "no_bias_norm") or "no_bias_norm")
 
 
 # --- schedules -------------------------------------------------------------------------
@@ -80,21 +80,20 @@ def _constant(config, total_steps: int) -> Callable:
     return optax.constant_schedule(1.0)
 
 
-SCHEDULES = {"cosine": _cosine, "step": _step, "constant": _constant}
+SCHEDULES: Registry[Callable] = Registry("schedule", "config.schedule.name")
+for _name, _fn in {"cosine": _cosine, "step": _step, "constant": _constant}.items():
+    SCHEDULES.register(_name, _fn)
 
 
 def make_schedule(config) -> Callable:
     """Linear warm-up from 0 to the peak, then the named decay; returns step -> lr."""
-    name = config.schedule.name
-    if name not in SCHEDULES:
-        raise ValueError(f"config.schedule.name={name!r} is unknown; available: "
-                         f"{sorted(SCHEDULES)}.")
+    schedule = SCHEDULES.get(config.schedule.name)
     peak = config.optimizer.lr
     # MoCo-style linear scaling: lr = base_lr * global_batch / 256 when asked for.
     if config.optimizer.get("lr_scale_batch", 0):
         peak = peak * config.global_batch_size / config.optimizer.lr_scale_batch
     warmup = int(config.schedule.get("warmup_steps", 0))
-    decay = SCHEDULES[name](config, config.total_steps - warmup)
+    decay = schedule(config, config.total_steps - warmup)
     warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
     return optax.join_schedules([warm, lambda s: peak * decay(s)], [warmup])
 
@@ -180,17 +179,17 @@ def _sgd(c, lr):
                                  nesterov=c.get("nesterov", False)))
 
 
-OPTIMIZERS = {"adamw": _adamw, "lars": _lars, "lars_moco": _lars_moco, "sgd": _sgd}
+OPTIMIZERS: Registry[Callable] = Registry("optimizer", "config.optimizer.name")
+for _name, _fn in {"adamw": _adamw, "lars": _lars, "lars_moco": _lars_moco,
+                   "sgd": _sgd}.items():
+    OPTIMIZERS.register(_name, _fn)
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
     """Returns (optimizer, schedule) for `config.optimizer` and `config.schedule`."""
-    name = config.optimizer.name
-    if name not in OPTIMIZERS:
-        raise ValueError(f"config.optimizer.name={name!r} is unknown; available: "
-                         f"{sorted(OPTIMIZERS)}.")
+    make = OPTIMIZERS.get(config.optimizer.name)
     schedule = make_schedule(config)
-    tx = OPTIMIZERS[name](config.optimizer, schedule)
+    tx = make(config.optimizer, schedule)
     if config.optimizer.get("grad_clip_norm", 0):
         tx = optax.chain(optax.clip_by_global_norm(config.optimizer.grad_clip_norm), tx)
     return tx, schedule
