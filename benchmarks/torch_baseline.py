@@ -147,7 +147,7 @@ def make_optimizer(config, params):
     if o.name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=(o.b1, o.b2),
                                  weight_decay=o.weight_decay)
-    if o.name == "lars":
+    if o.name in ("lars_moco", "lars"):  # MoCo-v3's LARS (optax.lars differs under warm-up)
         return make_lars(params, lr, o.weight_decay, o.momentum)
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=o.momentum,

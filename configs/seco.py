@@ -3,13 +3,15 @@
     python -m softcon_jax.train --config configs/seco.py:rn18 --workdir runs/seco_rn18
     # arg = "<rn18|rn50>[,runlocal]"
 
-Reference recipe (ServiceNow/seasonal-contrast `main_pretrain.py`, `models/moco2_module.py`):
-MoCo-v2 key encoder with m = 0.999, 3 subspaces with Linear-ReLU-Linear heads (hidden 512
-for RN18, 2048 for RN50) to 128-d, a 16384-key queue per subspace, temperature 0.07, SGD lr
-0.03 momentum 0.9 wd 1e-4, batch 256, 200 epochs with the learning rate divided by 10 at
-epochs 120 and 160, and RGB input (B4, B3, B2) scaled by SeCo's fixed quantiles. For all 12
-bands use `--config.data.bands=None --config.data.in_channels=12 --config.data.stats=dataset`
-(quantiles measured on the data: our extension, not a reference value).
+Reference recipe (ServiceNow/seasonal-contrast main_pretrain.py, models/moco2_module.py,
+datasets/seco_dataset.py): MoCo-v2 key encoder with m = 0.999, 3 subspaces with
+Linear-ReLU-Linear heads (hidden 512 for RN18, 2048 for RN50) to 128-d, a 16384-key queue
+per subspace, temperature 0.07, SGD lr 0.03 momentum 0.9 wd 1e-4, batch 256, 200 epochs with
+the learning rate divided by 10 at epochs 120 and 160, and RGB input (B4, B3, B2) scaled by
+SeCo's fixed quantiles. For all 12 bands use `--config.data.bands=None
+--config.data.in_channels=12 --config.data.stats=dataset` (quantiles measured on the data:
+our extension, not a reference value; the colour jitter then works on the band set, without
+hue).
 """
 
 import ml_collections
@@ -38,6 +40,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.in_channels = 3
     c.data.normalization = "seco_quantile"
     c.data.stats = "seco"
+    # The reference: t0, t1, t2 = np.random.choice(paths, 3), with replacement.
+    c.data.season_sampling = "independent"
+    # Floats in training; SeCo's reader truncates the quantile-scaled bands to uint8:
+    # --config.data.quantize_uint8=True reproduces it (at most 1/255 apart).
+    c.data.quantize_uint8 = False
+    # Augmentations as SeasonalContrastMultiAug: ColorJitter(0.4, 0.4, 0.4, 0.1), grayscale
+    # with luminance weights, on the RGB image in [0, 1] before the crop and the ImageNet
+    # normalisation (the 'seco' defaults of softcon_jax.data.pipeline).
     c.data.num_workers = 16
 
     c.model = ml_collections.ConfigDict()
@@ -56,9 +66,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # False + queues = exactly the reference SeCo loss.
     c.loss.kwargs = ml_collections.ConfigDict(dict(batch_negatives=False))
 
+    # decay_mask='all': the official SeCo (models/moco2_module.py configure_optimizers)
+    # builds its SGD on the encoder's and heads' parameters() with weight_decay=1e-4, so
+    # every parameter, biases and BatchNorm included, is decayed.
     c.optimizer = ml_collections.ConfigDict(dict(
         name="sgd", lr=0.03, lr_scale_batch=0, weight_decay=1e-4, momentum=0.9,
-        grad_clip_norm=0.0))
+        grad_clip_norm=0.0, decay_mask="all"))
     c.schedule = ml_collections.ConfigDict(dict(
         name="step", warmup_steps=0, boundaries=(0.6, 0.8), decay_factor=0.1))
     c.teacher = ml_collections.ConfigDict(dict(momentum=0.999, momentum_end=0.999))

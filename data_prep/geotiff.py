@@ -9,6 +9,7 @@ reference loaders use); 10 m bands are copied unchanged.
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import rasterio
@@ -32,6 +33,26 @@ def list_dirs(path: str) -> list[str]:
     """Sorted names of the sub-directories of ``path`` (files are ignored)."""
     with os.scandir(path) as it:
         return sorted(e.name for e in it if e.is_dir())
+
+
+_DATE = re.compile(r"\d{8}T\d{6}")
+
+
+def acquisition_key(name: str) -> tuple[str, str]:
+    """Sort key of a season / timestamp folder: its acquisition date, then its name.
+
+    The date is the first ``YYYYMMDDTHHMMSS`` in the product id. Folder-name order is not
+    date order for Sentinel-1 (``S1A_..._20200315T...`` sorts before ``S1B_..._20200101T...``);
+    Sentinel-2 and SeCo ids start with the date, so for them both orders agree. A name
+    without a date sorts first, by name.
+    """
+    m = _DATE.search(name)
+    return (m.group(0) if m else "", name)
+
+
+def list_dirs_by_date(path: str) -> list[str]:
+    """Sub-directory names of ``path`` in acquisition-date order (``acquisition_key``)."""
+    return sorted(list_dirs(path), key=acquisition_key)
 
 
 def read_band(path: str, expected: int) -> np.ndarray:

@@ -3,7 +3,8 @@
 Tree: ``ROOT/<location>/<product id>/<band>.tif``, 5 timestamps per location,
 12 bands (no B10), uint8. Only the timestamp *folders* are read: the RGB
 preview files ``<product id>.tif`` that SeCo-100k keeps next to them are
-ignored. 20 m / 60 m bands are resampled to the 10 m grid (bilinear).
+ignored. Timestamps are stored in acquisition-date order. 20 m / 60 m bands are
+resampled to the 10 m grid (bilinear).
 SeCo has no labels: ``labels`` are zeros and ``has_label`` False.
 
     python -m data_prep.seco --root seasonal_contrast_1m --out DIR --num-shards 64
@@ -46,7 +47,9 @@ def convert(root: str, out: str, *, num_shards: int, image_size: int | None = No
     """Converts the SeCo tree; returns the written metadata."""
     if not os.path.isdir(root):
         raise BadInputError(root, "SeCo root folder does not exist")
-    tree = {loc: geotiff.list_dirs(os.path.join(root, loc)) for loc in geotiff.list_dirs(root)}
+    # Timestamps in acquisition-date order (parsed from the product id), not name order.
+    tree = {loc: geotiff.list_dirs_by_date(os.path.join(root, loc))
+            for loc in geotiff.list_dirs(root)}
     if not tree:
         raise BadInputError(root, "no location folders")
     if image_size is None:
@@ -63,7 +66,7 @@ def convert(root: str, out: str, *, num_shards: int, image_size: int | None = No
     }
     return shards.write_shards(out, items, fn, name="seco", num_shards=num_shards,
                                metadata=metadata, num_workers=num_workers, resume=resume,
-                               skip_bad=skip_bad, desc="seco")
+                               skip_bad=skip_bad, compression=compression, desc="seco")
 
 
 def main(argv: list[str] | None = None) -> None:

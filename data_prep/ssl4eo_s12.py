@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import pickle
-import re
 
 import numpy as np
 
@@ -83,9 +82,7 @@ def check_label_entries(labels: dict, tree: dict[str, list[str]], labels_path: s
     return usable, skipped
 
 
-def _date_key(season: str) -> tuple[str, str]:
-    m = re.search(r"\d{8}T\d{6}", season)
-    return (m.group(0) if m else "", season)
+_date_key = geotiff.acquisition_key
 
 
 def match_labels_by_order(labels: dict, tree: dict[str, list[str]], labels_path: str,
@@ -154,10 +151,15 @@ def make_example(item: tuple, *, loc_root: str, bands: list[str], size: int, dty
 
 
 def scan_tree(loc_root: str) -> dict[str, list[str]]:
-    """{location: sorted season folder names} of ``ROOT/<modality>``."""
+    """{location: season folder names in acquisition-date order} of ``ROOT/<modality>``.
+
+    Every modality's seasons are stored in date order (the date parsed from the product
+    id, ``geotiff.acquisition_key``), not folder-name order, which for S1 puts S1A
+    products before S1B ones whatever their dates.
+    """
     if not os.path.isdir(loc_root):
         raise BadInputError(loc_root, "modality folder does not exist")
-    return {loc: geotiff.list_dirs(os.path.join(loc_root, loc))
+    return {loc: geotiff.list_dirs_by_date(os.path.join(loc_root, loc))
             for loc in geotiff.list_dirs(loc_root)}
 
 

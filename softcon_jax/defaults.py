@@ -29,6 +29,14 @@ def data() -> ml_collections.ConfigDict:
         "normalization": "softcon",  # 'softcon' | 'zscore' | 'seco_quantile'
         "stats": "s2c",              # 's2c' | 's2a' | 's1' | 'seco' | 'dataset' (measured)
         "stats_sample": 64,          # records read to measure stats='dataset'
+        # True: the references' uint8 step (floor((x - lo) / (hi - lo) * 255) / 255) before
+        # the augmentations, as SSL4EO-S12 / SoftCon's normalize() and SeCo's reader; for
+        # evaluating released weights as their authors fed them. False (default): floats,
+        # at most 1/255 apart, no quantisation noise in training.
+        "quantize_uint8": False,
+        # 'distinct' | 'independent' (with replacement); None = the method's default:
+        # softcon 'distinct' (labels are per season), seco 'independent' (the reference).
+        "season_sampling": ph(str),
         "num_workers": 0,            # worker processes (grain mp_prefetch); 0 = none
         "worker_buffer_size": 2,     # batches buffered per worker
         "read_threads": 2,           # threads per process computing batches
@@ -43,10 +51,19 @@ def data() -> ml_collections.ConfigDict:
             "jitter_prob": ph(float),     # 0.8
             "brightness": ph(float),      # 0.4
             "contrast": ph(float),        # 0.4
-            "per_band_jitter": ph(bool),  # True: independent factors per band
+            "saturation": ph(float),      # softcon 0, seco 0.4
+            "hue": ph(float),             # softcon 0, seco 0.1 (RGB input only)
+            "per_band_jitter": ph(bool),  # False: one factor for all bands (both
+                                          # references); True: independent per band
+            "jitter_order": ph(str),      # softcon 'fixed' (brightness then contrast, as
+                                          # SSL4EO-S12); seco 'random' (ColorJitter)
             "grayscale_prob": ph(float),  # 0.2
             "blur_prob": ph(tuple),       # softcon (1.0, 0.1) per view; seco (0.5,)
             "blur_sigma": ph(tuple),      # (0.1, 2.0)
+            "rgb": ph(bool),              # None = auto: bands are exactly B4, B3, B2
+            "luma_weights": ph(tuple),    # RGB grey / contrast / saturation weights,
+                                          # (0.299, 0.587, 0.114)
+            "augment_before_crop": ph(bool),  # softcon False (crop first); seco True
         },
     })
 

@@ -89,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input-scale", type=float, default=None,
                    help="multiply the datasets' values (reflectance x 10000) by this before "
                         "normalising (default: 1, or 255/10000 for SeCo uint8 pretraining)")
+    p.add_argument("--quantize-uint8", action=argparse.BooleanOptionalAction, default=None,
+                   help="truncate the normalised input to uint8 before /255, as the "
+                        "SSL4EO-S12 / SoftCon and SeCo readers (default: as in training, "
+                        "config.data.quantize_uint8, or the sidecar; else off)")
     p.add_argument("--img-size", type=int, default=None,
                    help="--weights only: input size when the sidecar has none (ResNet)")
     p.add_argument("--tensorboard-dir", default=None,
@@ -103,14 +107,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.workdir:
         backbone = load_from_workdir(args.workdir, args.step, args.which,
                                      normalization=args.normalization, stats=args.stats,
-                                     bands=bands, input_scale=args.input_scale)
+                                     bands=bands, input_scale=args.input_scale,
+                                     quantize_uint8=args.quantize_uint8)
         out = args.out or os.path.join(args.workdir, "eval",
                                        f"{args.task}_step{backbone.step}.json")
         tb_dir = args.tensorboard_dir or os.path.join(args.workdir, "tensorboard")
     else:
         backbone = load_from_weights(args.weights, normalization=args.normalization,
                                      stats=args.stats, bands=bands, img_size=args.img_size,
-                                     step=args.step, input_scale=args.input_scale)
+                                     step=args.step, input_scale=args.input_scale,
+                                     quantize_uint8=args.quantize_uint8)
         out = args.out or f"{args.weights}.{args.task}.json"
         tb_dir = args.tensorboard_dir or os.path.join(
             os.path.dirname(os.path.abspath(out)), "tensorboard")

@@ -45,14 +45,15 @@ def _checked_bands(bands: list[str], model: Any, where: str) -> list[str]:
 
 
 def _make_normalizer(name: str | None, stats: Any, bands: list[str], where: str,
-                     per_band: dict | None = None) -> normalize.Normalizer:
+                     per_band: dict | None = None, quantize: bool = False
+                     ) -> normalize.Normalizer:
     if not name:
         raise ValueError(f"{where}: no input normalisation recorded; pass --normalization "
                          f"(one of {normalize.METHODS}) and --stats.")
     if isinstance(stats, str) and stats in normalize.STATS:
-        return normalize.make_normalizer(name, stats, bands)
+        return normalize.make_normalizer(name, stats, bands, quantize=quantize)
     if per_band:  # measured statistics recorded in the sidecar
-        return normalize.make_normalizer(name, dict(per_band), bands)
+        return normalize.make_normalizer(name, dict(per_band), bands, quantize=quantize)
     raise ValueError(f"{where}: normalisation stats {stats!r} are not a preset "
                      f"({sorted(normalize.STATS)}) and no per-band table is recorded; "
                      f"pass --stats.")
@@ -64,9 +65,12 @@ def _input_scale(stats: Any, data_dtype: str | None) -> float:
 
 def load_from_workdir(workdir: str, step: int | None = None, which: str = "teacher", *,
                       normalization: str | None = None, stats: str | None = None,
-                      bands: list[str] | None = None,
-                      input_scale: float | None = None) -> Backbone:
+                      bands: list[str] | None = None, input_scale: float | None = None,
+                      quantize_uint8: bool | None = None) -> Backbone:
     """The teacher (or student) backbone of a training checkpoint and its pretraining input.
+
+    `quantize_uint8` (default `config.data.quantize_uint8`): the references' uint8 step
+    before /255 (`softcon_jax.data.normalize`).
 
     Band order: `config.data.bands`, else the training data's metadata.json. Normalisation:
     `config.data.normalization` / `.stats`; `stats='dataset'` re-measures the statistics on
@@ -90,11 +94,16 @@ def load_from_workdir(workdir: str, step: int | None = None, which: str = "teach
     bands = _checked_bands(bands, model, where)
     name = normalization or d.normalization
     stats = stats or d.get("stats")
+    if quantize_uint8 is None:
+        quantize_uint8 = bool(d.get("quantize_uint8", False))
     if stats == "dataset":
         meta, meta_path = data_lib.load_metadata(d.path)
+        d = d.copy_and_resolve_references()
+        with d.unlocked():  # checkpoints from before the key existed
+            d.quantize_uint8 = bool(quantize_uint8)
         normalizer = data_lib.build_views_transform(d, meta, meta_path).normalizer
     else:
-        normalizer = _make_normalizer(name, stats, bands, where)
+        normalizer = _make_normalizer(name, stats, bands, where, quantize=quantize_uint8)
     if input_scale is None:
         input_scale = _input_scale(stats, meta.get("dtype"))
     return Backbone(model, variables, bands, normalizer,
@@ -112,8 +121,13 @@ def _arch_kwargs(timm_kwargs: dict) -> dict:
 def load_from_weights(path: str, *, normalization: str | None = None,
                       stats: str | None = None, bands: list[str] | None = None,
                       img_size: int | None = None, step: int | None = None,
-                      input_scale: float | None = None) -> Backbone:
+                      input_scale: float | None = None,
+                      quantize_uint8: bool | None = None) -> Backbone:
     """A backbone exported by `softcon_jax.export` (or `interop.export_torch`).
+
+    `quantize_uint8` (default: the sidecar's `normalization.quantize_uint8`, else False):
+    truncate to uint8 before /255 as the SSL4EO-S12 / SoftCon and SeCo readers do, to
+    evaluate released weights on the input their authors fed them.
 
     Reads `<path>.json` (timm_name, timm_kwargs, in_chans, img_size, band_order,
     normalization) and imports the weights with `interop.import_torch`.
@@ -145,7 +159,9 @@ def load_from_weights(path: str, *, normalization: str | None = None,
     name = normalization or norm.get("name")
     stats = stats or norm.get("stats")
     per_band = norm.get("per_band") if not stats or stats == norm.get("stats") else None
-    normalizer = _make_normalizer(name, stats, bands, where, per_band)
+    if quantize_uint8 is None:
+        quantize_uint8 = bool(norm.get("quantize_uint8", False))
+    normalizer = _make_normalizer(name, stats, bands, where, per_band, quantize_uint8)
     if input_scale is None:
         input_scale = meta.get("input_scale") or _input_scale(stats, meta.get("data_dtype"))
     return Backbone(model, variables, bands, normalizer,

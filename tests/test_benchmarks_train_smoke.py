@@ -74,7 +74,7 @@ def test_torch_baseline_smoke(tmp_path):
     assert [r[0] for r in rows] == CASES and all(r[1] == "torch" for r in rows)
     result = json.loads(out.read_text())
     _check_rows(result["results"], "torch", devices=1, batch=2)
-    assert {r["optimizer"] for r in result["results"]} == {"lars", "adamw", "sgd"}
+    assert {r["optimizer"] for r in result["results"]} == {"lars_moco", "adamw", "sgd"}
 
 
 def test_compare_smoke(tmp_path):

@@ -144,7 +144,7 @@ def test_softcon_views_come_from_two_seasons_with_their_labels(tmp_path):
 
 def test_seco_views_follow_the_timestamp_scheme(tmp_path):
     path = _constant_dataset(str(tmp_path / "c"), timesteps=5)
-    cfg = _cfg(path, normalization="zscore", views="seco")
+    cfg = _cfg(path, normalization="zscore", views="seco", season_sampling="distinct")
     cfg.augment.update(NO_COLOR)
     b = next(iter(data.build_dataset(cfg, global_batch_size=6, seed=0)))
     assert sorted(b) == ["k0", "k1", "k2", "q"]

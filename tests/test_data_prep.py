@@ -137,11 +137,62 @@ def test_s1_labels_join_by_acquisition_order(tmp_path):
                             match_labels="order")
     _, exs = read_all(str(tmp_path / "out"))
     for ex in exs:
+        dates = [s.split("1SDV_")[1] for s in ex["seasons"]]
+        assert dates == sorted(dates) and ex["seasons"] != sorted(ex["seasons"])  # date order
         s2_seasons = sorted(labels[ex["location"]])  # S2 names sort by date
         by_date = sorted(range(4), key=lambda t: ex["seasons"][t].split("1SDV_")[1])
         for k, t in enumerate(by_date):
             entry = labels[ex["location"]][s2_seasons[k]]
             assert sorted(np.flatnonzero(ex["labels"][t]).tolist()) == sorted(map(int, entry))
+
+
+def test_seasons_are_stored_in_acquisition_date_order(tmp_path):
+    """Folder names that do not sort by date (S1A/S1B, or any prefix) are stored by date."""
+    root = str(tmp_path / "src")
+    make_ssl4eo_tree(root, "s1", n_loc=1, prefix="s1", write_labels=False)
+    ssl4eo_s12.convert_tree(root, "s1", str(tmp_path / "s1"), num_shards=1)
+    (ex,) = read_all(str(tmp_path / "s1"))[1]
+    assert ex["seasons"] == sorted(ex["seasons"], key=lambda s: s.split("1SDV_")[1])
+    assert ex["seasons"][0].startswith("S1A") and ex["seasons"][1].startswith("S1B")
+    # The image rows follow the season names.
+    with rasterio.open(os.path.join(root, "s1", ex["location"], ex["seasons"][1], "VV.tif")) as f:
+        np.testing.assert_array_equal(ex["image"][1, 0], f.read(1))
+    # SeCo: timestamp folders named so that name order is the reverse of date order.
+    seco_root = tmp_path / "seco"
+    rng = np.random.default_rng(0)
+    stamps = [f"{chr(ord('e') - t)}_20190{t + 1}03T154559_T18QVG" for t in range(5)]
+    for stamp in stamps:
+        for b in seco.BANDS:
+            _write_tif(str(seco_root / "000000" / stamp / f"{b}.tif"), _band(rng, b, np.uint8))
+    seco.convert(str(seco_root), str(tmp_path / "seco_out"), num_shards=1)
+    (ex,) = read_all(str(tmp_path / "seco_out"))[1]
+    assert ex["seasons"] == stamps  # by date (Jan..May), although "a_..." < "e_..." by name
+
+
+@pytest.mark.parametrize("converter", ["ssl4eo_s12", "seco"])
+def test_compression_option_reaches_the_shards(tmp_path, converter):
+    src = str(tmp_path / "src")
+    if converter == "seco":
+        make_seco_tree(src, n_loc=2)
+        argv = ["--root", src]
+    else:
+        make_ssl4eo_tree(src, "s2c", n_loc=2, write_labels=False)
+        argv = ["--root", src, "--modality", "s2c"]
+    outs = {}
+    for comp in ("uncompressed", "zstd:3"):
+        out = str(tmp_path / comp.replace(":", "_"))
+        module = seco if converter == "seco" else ssl4eo_s12
+        module.main(argv + ["--out", out, "--num-shards", "1", "--compression", comp])
+        meta, outs[comp] = read_all(out)
+        assert meta["array_record_options"] == f"group_size:1,{comp}"
+        # What the shard file itself says it was written with.
+        reader = ArrayRecordReader(os.path.join(out, meta["shards"][0]))
+        written = reader.writer_options_string().split(",")
+        reader.close()
+        assert ("zstd:3" in written) == (comp == "zstd:3")
+    for a, b in zip(outs["uncompressed"], outs["zstd:3"], strict=True):
+        assert a["location"] == b["location"]
+        np.testing.assert_array_equal(a["image"], b["image"])
 
 
 def test_seco_tree_reads_timestamp_folders_only(tmp_path):

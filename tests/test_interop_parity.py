@@ -206,11 +206,71 @@ def test_import_resamples_dinov2_grid_like_timm(tmp_path):
     x = inputs(1, 224, 3)
     assert_close(interop.backbone_features(model, variables, x), torch_features(dst, x))
 
-    # Without antialias (DINOv2's own interpolation): timm's resampler with antialias=False.
+    # Without antialias: timm's resampler with antialias=False (not DINOv2's formula).
     _, plain = interop.import_torch(tmp_path / "d.safetensors", VIT_S, 3, img_size=224,
                                     pos_embed_antialias=False, **TINY_VIT)
     ref = resample_abs_pos_embed(sd["pos_embed"], (16, 16), antialias=False)
     np.testing.assert_allclose(plain["params"]["pos_embed"], ref.numpy(), rtol=0, atol=2e-6)
+
+
+def dinov2_interpolate_pos_encoding(pos_embed, w, h, patch_size=14, interpolate_offset=0.1,
+                                    interpolate_antialias=False):
+    """Transcription of facebookresearch/dinov2 `vision_transformer.py`
+    `DinoVisionTransformer.interpolate_pos_encoding` for an input of w x h pixels."""
+    import math
+    N = pos_embed.shape[1] - 1
+    pos_embed = pos_embed.float()
+    class_pos_embed = pos_embed[:, 0]
+    patch_pos_embed = pos_embed[:, 1:]
+    dim = pos_embed.shape[-1]
+    w0, h0 = w // patch_size, h // patch_size
+    M = int(math.sqrt(N))
+    assert N == M * M
+    kwargs = {}
+    if interpolate_offset:
+        sx = float(w0 + interpolate_offset) / M
+        sy = float(h0 + interpolate_offset) / M
+        kwargs["scale_factor"] = (sx, sy)
+    else:
+        kwargs["size"] = (w0, h0)
+    patch_pos_embed = torch.nn.functional.interpolate(
+        patch_pos_embed.reshape(1, M, M, dim).permute(0, 3, 1, 2), mode="bicubic",
+        antialias=interpolate_antialias, **kwargs)
+    assert (w0, h0) == patch_pos_embed.shape[-2:]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
+@pytest.mark.parametrize("img_size", [224, 98])
+def test_import_dinov2_interpolation_matches_the_official_formula(tmp_path, img_size):
+    src = timm.create_model(VIT_S, num_classes=0, img_size=518, **TINY_VIT)
+    randomize_torch(src)
+    sd = {k: v.numpy() for k, v in src.state_dict().items()}
+    sd["pos_embed"] = np.random.default_rng(0).normal(size=sd["pos_embed"].shape).astype(
+        np.float32)  # an embedding of unit scale, like DINOv2's
+    interop.write_state_dict(sd, tmp_path / "d.safetensors")
+    model, variables = interop.import_torch(tmp_path / "d.safetensors", VIT_S, 3,
+                                            img_size=img_size, pos_embed_interpolation="dinov2",
+                                            **TINY_VIT)
+    ref = dinov2_interpolate_pos_encoding(torch.from_numpy(sd["pos_embed"]), img_size,
+                                          img_size).numpy()
+    pos = np.asarray(variables["params"]["pos_embed"])
+    np.testing.assert_allclose(pos, ref, rtol=0, atol=2e-5)  # float32 kernel vs float64
+    # timm's resampling is a different embedding (up to ~1.5 at unit scale for 224 px).
+    _, timm_vars = interop.import_torch(tmp_path / "d.safetensors", VIT_S, 3,
+                                        img_size=img_size, **TINY_VIT)
+    assert np.abs(np.asarray(timm_vars["params"]["pos_embed"]) - ref).max() > 0.1
+    # The features equal DINOv2's own forward at img_size: timm's model on the 518 grid
+    # with the embedding replaced by DINOv2's interpolation.
+    dst = timm.create_model(VIT_S, num_classes=0, img_size=img_size, **TINY_VIT)
+    dst_sd = {k: torch.from_numpy(v) for k, v in sd.items()}
+    dst_sd["pos_embed"] = torch.from_numpy(ref)
+    dst.load_state_dict(dst_sd, strict=True)
+    x = inputs(1, img_size, 3)
+    assert_close(interop.backbone_features(model, variables, x), torch_features(dst, x))
+    with pytest.raises(ValueError, match="pos_embed_interpolation='bilinear'"):
+        interop.import_torch(tmp_path / "d.safetensors", VIT_S, 3,
+                             pos_embed_interpolation="bilinear", **TINY_VIT)
 
 
 def test_import_dinov2_training_checkpoint_names(tmp_path):

@@ -1,14 +1,24 @@
 """Per-band normalisation presets, looked up by band name.
 
-Every preset is ``y = clip?(x * a + b) * c + d`` per band, float32:
+Every preset is ``y = clip?(x * a + b) * c + d`` per band, float32, in two stages:
+``unit`` (``clip?(x * a + b)``, the image in [0, 1] for the clipping presets, where the
+augmentations run, as torchvision's run after ``ToTensor``) and ``finish`` (``* c + d``,
+e.g. ImageNet standardisation, last):
 
 - ``softcon``: SoftCon / SSL4EO-S12, ``clip((x - (mean - 2 std)) / (4 std), 0, 1)``.
   With ``stats='s1'`` each image band is first clipped to its own 1-99 %
-  quantiles (REFERENCE §3).
+  quantiles (SoftCon's S1 preprocessing).
 - ``zscore``: ``(x - mean) / std`` (no clip).
 - ``seco_quantile``: SeCo, ``clip((x - lo) / (hi - lo), 0, 1)`` with the fixed
   SeCo quantiles, then ImageNet mean/std of the matching RGB channel
-  (REFERENCE §2). Only B2, B3, B4 have reference quantiles.
+  (ServiceNow/seasonal-contrast ``datasets/seco_dataset.py``). Only B2, B3, B4 have
+  reference quantiles.
+
+``quantize=True`` (``data_config.quantize_uint8``) reproduces the reference readers'
+uint8 step for the clipping presets: ``floor(clip((x - lo) / (hi - lo) * 255, 0, 255)) /
+255`` in float64, as SSL4EO-S12's / SoftCon's ``normalize()`` (``lo, hi = mean -+ 2 std``,
+``.astype(np.uint8)`` then ``ToTensor``) and SeCo's ``normalize()`` (``lo, hi`` = its
+quantiles) do; without it the value stays float (at most one uint8 step, 1/255, away).
 
 ``stats='dataset'`` (in ``data_config``) measures the statistics on a sample of
 the dataset instead (``dataset_stats``): our extension for band sets without
@@ -58,6 +68,9 @@ class Normalizer:
     c: np.ndarray
     d: np.ndarray
     image_quantiles: tuple[float, float] | None = None  # per-image clip first (S1)
+    quantize: bool = False           # uint8 truncation of the unit stage (clip presets)
+    low: np.ndarray | None = None    # float64 (lo, hi) of the unit stage, for quantize
+    high: np.ndarray | None = None
 
     @property
     def output_range(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -66,6 +79,11 @@ class Normalizer:
             return None
         return self.d, self.c + self.d
 
+    @property
+    def unit_range(self) -> tuple[float, float] | None:
+        """(0, 1) for the clipping presets: the range of ``unit``; None when unbounded."""
+        return (0.0, 1.0) if self.clip else None
+
     def quantile_bounds(self, image: np.ndarray) -> np.ndarray | None:
         """(C, 2) per-band clip bounds of a whole (C, H, W) image (None if not used)."""
         if self.image_quantiles is None:
@@ -73,11 +91,21 @@ class Normalizer:
         flat = image.reshape(image.shape[0], -1).astype(np.float32)
         return np.percentile(flat, self.image_quantiles, axis=1).T
 
-    def __call__(self, x: np.ndarray, bounds: np.ndarray | None = None) -> np.ndarray:
-        """Normalises ``x`` (..., C) into a new C-contiguous float32 array.
+    def unit(self, x: np.ndarray, bounds: np.ndarray | None = None) -> np.ndarray:
+        """First stage, ``clip?(x * a + b)`` (quantised with ``quantize``), into a new
+        C-contiguous float32 array; in [0, 1] for the clipping presets.
 
         ``bounds`` (C, 2) come from ``quantile_bounds`` of the whole image.
         """
+        if self.quantize:
+            y64 = np.asarray(x, np.float64)
+            if bounds is not None:
+                y64 = np.clip(y64, bounds[:, 0], bounds[:, 1])
+            y64 = np.clip((y64 - self.low) / (self.high - self.low) * 255.0, 0.0, 255.0)
+            y = np.empty(y64.shape, np.float32)
+            y[...] = np.floor(y64)  # .astype(np.uint8) of values in [0, 255]
+            y /= np.float32(255.0)  # ToTensor
+            return y
         y = np.empty(x.shape, np.float32)
         y[...] = x  # one pass: dtype conversion (and layout, for transposed views)
         if bounds is not None:
@@ -86,10 +114,20 @@ class Normalizer:
         y += self.b
         if self.clip:
             np.clip(y, 0.0, 1.0, out=y)
-            if np.any(self.c != 1) or np.any(self.d != 0):
-                y *= self.c
-                y += self.d
         return y
+
+    def finish(self, y: np.ndarray) -> np.ndarray:
+        """Second stage, ``y * c + d`` (in place when ``y`` is float32), for clip presets."""
+        if self.clip and (np.any(self.c != 1) or np.any(self.d != 0)):
+            y = np.asarray(y, np.float32)
+            y *= self.c
+            y += self.d
+        return y
+
+    def __call__(self, x: np.ndarray, bounds: np.ndarray | None = None) -> np.ndarray:
+        """Normalises ``x`` (..., C) into a new C-contiguous float32 array:
+        ``finish(unit(x, bounds))``."""
+        return self.finish(self.unit(x, bounds))
 
 
 def dataset_stats(images: list[np.ndarray], bands: list[str]) -> dict[str, dict[str, float]]:
@@ -110,16 +148,22 @@ def dataset_stats(images: list[np.ndarray], bands: list[str]) -> dict[str, dict[
             for i, b in enumerate(bands)}
 
 
-def make_normalizer(method: str, stats: str | dict, bands: list[str]) -> Normalizer:
+def make_normalizer(method: str, stats: str | dict, bands: list[str],
+                    quantize: bool = False) -> Normalizer:
     """Builds the normaliser for ``bands`` (names as in the dataset metadata).
 
     ``stats`` is a preset name of ``STATS`` or a table from ``dataset_stats``.
+    ``quantize``: the reference uint8 truncation of the unit stage (clipping presets).
 
     Raises ValueError naming ``data_config.normalization`` / ``data_config.stats``
     when the method or a band's statistics are unknown.
     """
     if method not in METHODS:
         raise ValueError(f"data_config.normalization={method!r}: expected one of {METHODS}")
+    if quantize and method == "zscore":
+        raise ValueError("data_config.quantize_uint8=True needs a clipping normalisation "
+                         "('softcon' or 'seco_quantile'), not data_config.normalization="
+                         "'zscore' (which has no [0, 255] range to quantise)")
     if isinstance(stats, dict):
         table, stats = stats, "dataset"
         if method == "seco_quantile":  # measured quantiles, output in [0, 1]
@@ -148,7 +192,10 @@ def make_normalizer(method: str, stats: str | dict, bands: list[str]) -> Normali
         hi = np.array([r["hi"] for r in rows], np.float32)
         mean = np.array([r["mean"] for r in rows], np.float32)
         std = np.array([r["std"] for r in rows], np.float32)
-        return Normalizer(1 / (hi - lo), -lo / (hi - lo), True, 1 / std, -mean / std)
+        lo64 = np.array([r["lo"] for r in rows], np.float64)
+        hi64 = np.array([r["hi"] for r in rows], np.float64)
+        return Normalizer(1 / (hi - lo), -lo / (hi - lo), True, 1 / std, -mean / std,
+                          quantize=quantize, low=lo64, high=hi64)
     if any("lo" in r for r in rows):
         raise ValueError(f"data_config.stats={stats!r} is for 'seco_quantile', "
                          f"not data_config.normalization={method!r}")
@@ -157,5 +204,8 @@ def make_normalizer(method: str, stats: str | dict, bands: list[str]) -> Normali
     if method == "zscore":
         return Normalizer(1 / std, -mean / std, False, ones, zeros)
     low = mean - 2 * std
+    mean64 = np.array([r["mean"] for r in rows], np.float64)
+    std64 = np.array([r["std"] for r in rows], np.float64)
     return Normalizer(1 / (4 * std), -low / (4 * std), True, ones, zeros,
-                      image_quantiles=(1.0, 99.0) if stats == "s1" else None)
+                      image_quantiles=(1.0, 99.0) if stats == "s1" else None,
+                      quantize=quantize, low=mean64 - 2 * std64, high=mean64 + 2 * std64)

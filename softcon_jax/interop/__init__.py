@@ -4,7 +4,8 @@
   and fills it from a `.safetensors` or `.pth` file (timm, torchvision or DINOv2-native
   names). A first layer with another input-channel count is re-initialised (default) or
   built from the file's kernel (`first_layer='from_rgb'`); the ViT position embedding is
-  resampled to the model's grid exactly as timm does.
+  resampled to the model's grid exactly as timm does (`pos_embed_interpolation='timm'`) or
+  exactly as DINOv2's own `interpolate_pos_encoding` does (`'dinov2'`).
 - `export_torch(model, variables, out_path, format)` writes the backbone with PyTorch names
   and layouts plus a JSON sidecar `<out_path>.json` (e.g. `backbone.safetensors.json`).
 - `backbone_features(model, variables, x)`: eval-mode features, as timm with num_classes=0.
@@ -28,12 +29,14 @@ import numpy as np
 from softcon_jax import models
 from softcon_jax.interop import keymaps
 from softcon_jax.interop.io import read_state_dict, write_state_dict
-from softcon_jax.interop.resample import resample_pos_embed
+from softcon_jax.interop.resample import dinov2_interpolate_pos_embed, resample_pos_embed
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("timm", "torchvision", "dinov2")
 FIRST_LAYER_MODES = ("reinit", "from_rgb")
+POS_EMBED_INTERPOLATIONS = ("timm", "dinov2")
+
 
 class StateDictMismatchError(ValueError):
     """A checkpoint or variables tree does not match the architecture."""
@@ -81,6 +84,7 @@ def _first_layer_from_file(w: np.ndarray, in_channels: int) -> np.ndarray:
 def import_torch(path: str | os.PathLike, arch: str, in_channels: int, *,
                  first_layer: str = "reinit", img_size: int = 224, seed: int = 0,
                  key_prefix: str | None = None, pos_embed_antialias: bool = True,
+                 pos_embed_interpolation: str = "timm",
                  **arch_kwargs: Any) -> tuple[Any, dict]:
     """Builds backbone `arch` for `in_channels` bands and loads a PyTorch checkpoint into it.
 
@@ -101,9 +105,19 @@ def import_torch(path: str | os.PathLike, arch: str, in_channels: int, *,
         ResNets.
       seed: PRNG seed of the re-initialised first layer.
       key_prefix: explicit prefix to strip (overrides the automatic choice).
-      pos_embed_antialias: bicubic antialias flag of the resampling. True is what timm's
-        `checkpoint_filter_fn` (used by `create_model(..., pretrained=True, img_size=...)`)
-        does; False matches DINOv2's own `interpolate_pos_encoding`.
+      pos_embed_interpolation: how the position embedding is resampled to another grid:
+        'timm' (default): timm's `resample_abs_pos_embed` to the exact new size, bicubic,
+        antialias `pos_embed_antialias`; with True it is what timm's
+        `checkpoint_filter_fn` does (`create_model(..., pretrained=True, img_size=...)`,
+        and torchgeo's timm-based models).
+        'dinov2': exactly what DINOv2's own `interpolate_pos_encoding`
+        (facebookresearch/dinov2 `vision_transformer.py`) computes when its model sees
+        that input size: bicubic, no antialias, `interpolate_offset=0.1`, i.e. scale
+        factors (w0 + 0.1) / M for an M x M source grid (`pos_embed_antialias` is
+        ignored). This reproduces the features of the original DINOv2 model at img_size.
+        The two differ by up to ~1.5 in the embedding for 518 -> 224 px.
+      pos_embed_antialias: antialias flag of the 'timm' resampling (True = timm's
+        default). False is *not* DINOv2's interpolation, which also uses the 0.1 offset.
       **arch_kwargs: `build_backbone` overrides (dtype, bn_groups, tiny sizes, ...).
 
     Returns:
@@ -114,6 +128,9 @@ def import_torch(path: str | os.PathLike, arch: str, in_channels: int, *,
     """
     if first_layer not in FIRST_LAYER_MODES:
         raise ValueError(f"first_layer={first_layer!r}; expected one of {FIRST_LAYER_MODES}.")
+    if pos_embed_interpolation not in POS_EMBED_INTERPOLATIONS:
+        raise ValueError(f"pos_embed_interpolation={pos_embed_interpolation!r}; expected one "
+                         f"of {POS_EMBED_INTERPOLATIONS}.")
     backbone = models.BACKBONES.get(arch, key="arch")
     kwargs = dict(arch_kwargs)
     if "img_size" in backbone.fields:
@@ -162,6 +179,7 @@ def import_torch(path: str | os.PathLike, arch: str, in_channels: int, *,
                  w.shape[1], in_channels, "re-initialised" if first_layer == "reinit"
                  else "built from the file's mean kernel")
     sd = layout.adapt(sd, model, spec, pos_embed_antialias=pos_embed_antialias,
+                      pos_embed_interpolation=pos_embed_interpolation,
                       log=lambda msg: log.info("%s: %s.", path, msg))
     variables = jax.tree.map(jnp.asarray, keymaps.torch_to_flax(sd, spec))
     return model, variables
@@ -254,6 +272,7 @@ def backbone_features(model: Any, variables: Any, x: Any) -> jax.Array:
     return _eval_apply(model, used, x)
 
 
-__all__ = ["FORMATS", "StateDictMismatchError", "abstract_variables", "backbone_features",
+__all__ = ["FORMATS", "POS_EMBED_INTERPOLATIONS", "StateDictMismatchError",
+           "abstract_variables", "backbone_features", "dinov2_interpolate_pos_embed",
            "export_torch", "import_torch", "read_state_dict", "resample_pos_embed",
            "write_state_dict"]

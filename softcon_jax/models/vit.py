@@ -263,16 +263,25 @@ class ViTLayout(TorchLayout):
         return (key == "pos_embed" and len(got) == 3 and got[::2] == want[::2]
                 and int(round((got[1] - 1) ** 0.5)) ** 2 == got[1] - 1)
 
-    def adapt(self, state_dict, model, spec, *, pos_embed_antialias=True, log=None, **_):
-        from softcon_jax.interop.resample import resample_pos_embed  # NumPy only
+    def adapt(self, state_dict, model, spec, *, pos_embed_antialias=True,
+              pos_embed_interpolation="timm", log=None, **_):
+        # NumPy only. 'timm': timm's resample_abs_pos_embed to the exact size; 'dinov2':
+        # DINOv2's interpolate_pos_encoding (offset 0.1, no antialias).
+        from softcon_jax.interop.resample import (dinov2_interpolate_pos_embed,
+                                                  resample_pos_embed)
 
         want = spec["pos_embed"][3]
         if state_dict["pos_embed"].shape != want:
             if log is not None:
-                log(f"resampling pos_embed {state_dict['pos_embed'].shape} -> {want}")
-            state_dict = {**state_dict, "pos_embed": resample_pos_embed(
-                np.asarray(state_dict["pos_embed"], np.float32),
-                (model.grid_size, model.grid_size), antialias=pos_embed_antialias)}
+                log(f"resampling pos_embed {state_dict['pos_embed'].shape} -> {want} "
+                    f"({pos_embed_interpolation})")
+            pos = np.asarray(state_dict["pos_embed"], np.float32)
+            grid = (model.grid_size, model.grid_size)
+            if pos_embed_interpolation == "dinov2":
+                pos = dinov2_interpolate_pos_embed(pos, grid)
+            else:
+                pos = resample_pos_embed(pos, grid, antialias=pos_embed_antialias)
+            state_dict = {**state_dict, "pos_embed": pos}
         return state_dict
 
     def export_extras(self, model, format, state_dict, sidecar):
