@@ -38,8 +38,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.normalization = "softcon"
     # The reference crop scale (0.08, 1) would cut 3-pixel crops out of 40-pixel scenes.
     c.data.augment.crop_scale = (0.3, 1.0)
+    # Written into c.data.path only if that is empty or holds this same synthetic dataset;
+    # train on your own converted data with --config.data.synthetic.enabled=False.
     c.data.synthetic = ml_collections.ConfigDict(dict(
-        num_locations=64 if test else 512, num_shards=2 if test else 4,
+        enabled=True, num_locations=64 if test else 512, num_shards=2 if test else 4,
         image_size=20 if test else 40, bands=13, timesteps=4, seed=0))
 
     c.model = ml_collections.ConfigDict()
@@ -81,6 +83,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.every_steps = 50
         c.eval.data_path = "runs/quickstart/eval_data"
         c.eval.synthetic = ml_collections.ConfigDict(dict(
-            num_locations=320, num_shards=1, image_size=40, bands=13, timesteps=4, seed=1))
+            enabled=True, num_locations=320, num_shards=1, image_size=40, bands=13, timesteps=4, seed=1))
     c.export = ml_collections.ConfigDict(dict(format="timm", which="teacher"))
     return c

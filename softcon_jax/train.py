@@ -211,21 +211,15 @@ class NonFiniteError(RuntimeError):
 
 # ==== The run =============================================================================
 
-def ensure_synthetic_data(data_config):
+def ensure_synthetic_data(data_config, key="config.data.synthetic"):
     """Writes the built-in synthetic dataset first when the config asks for one.
 
-    `config.data.synthetic` (a dict of `data_prep.synthetic.write_dataset` arguments) makes
-    the quickstart self-contained. Process 0 writes; the others wait at a barrier.
+    `config.data.synthetic` (a dict of `data_prep.synthetic.write_dataset` arguments and
+    `enabled`) makes the quickstart self-contained; it never overwrites other data (see
+    `data_prep.synthetic.ensure_synthetic_dataset`).
     """
-    spec = data_config.get("synthetic")
-    if not spec:
-        return
-    if jax.process_index() == 0:
-        from data_prep import synthetic  # the converters are not needed otherwise
-        synthetic.write_dataset(data_config.path, **spec.to_dict())
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("synthetic data written")
+    from data_prep import synthetic  # the converters are not needed otherwise
+    synthetic.ensure_synthetic_dataset(data_config.path, data_config.get("synthetic"), key=key)
 
 
 def validate(config, mesh):

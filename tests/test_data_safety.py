@@ -1,0 +1,165 @@
+"""No command replaces data it did not write; bad data and label files are one clear error.
+
+Every test checks the message names what it should and that the data is intact afterwards
+(byte-identical metadata.json and shards).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_prep import shards, ssl4eo_s12, synthetic, verify
+from softcon_jax import cli
+from softcon_jax.data import records
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYN = dict(num_locations=6, num_shards=2, image_size=8)
+
+
+def snapshot(directory):
+    """{relative path: bytes} of every file under `directory`."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, directory)] = fh.read()
+    return out
+
+
+def _example(i):
+    return {"image": np.full((2, 1, 4, 4), i, np.uint8), "seasons": ["a", "b"],
+            "location": str(i)}
+
+
+@pytest.fixture
+def user_dataset(tmp_path):
+    """A converted (non-synthetic) dataset: what a user's real data looks like on disk."""
+    out = str(tmp_path / "real")
+    shards.write_shards(out, range(4), _example, name="real", num_shards=2,
+                        metadata={"dataset": "ssl4eo_s12", "bands": ["B1"]})
+    return out
+
+
+# ---------------------------------------------------------------------------- synthetic
+
+def test_synthetic_refuses_a_users_dataset_and_leaves_it_intact(user_dataset):
+    before = snapshot(user_dataset)
+    with pytest.raises(cli.UserValueError) as err:
+        synthetic.ensure_synthetic_dataset(user_dataset, dict(enabled=True, **SYN))
+    msg = str(err.value)
+    assert user_dataset in msg and "ssl4eo_s12" in msg
+    assert "--config.data.synthetic.enabled=False" in msg
+    assert snapshot(user_dataset) == before
+
+
+def test_synthetic_refuses_a_directory_with_other_files(tmp_path):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "notes.txt").write_text("my notes")
+    with pytest.raises(cli.UserValueError, match="notes.txt"):
+        synthetic.write_dataset(str(d), **SYN)
+    assert snapshot(str(d)) == {"notes.txt": b"my notes"}
+
+
+def test_synthetic_refuses_other_parameters_and_reuses_the_same(tmp_path):
+    out = str(tmp_path / "syn")
+    meta = synthetic.ensure_synthetic_dataset(out, dict(enabled=True, **SYN))
+    before = snapshot(out)
+    with pytest.raises(cli.UserValueError) as err:
+        synthetic.ensure_synthetic_dataset(out, dict(SYN, seed=3),
+                                           key="config.eval.synthetic")
+    assert "seed=0 there, 3 asked" in str(err.value)
+    assert "--config.eval.synthetic.enabled=False" in str(err.value)
+    assert synthetic.ensure_synthetic_dataset(out, dict(SYN)) == meta
+    assert snapshot(out) == before
+
+
+def test_synthetic_can_be_switched_off(user_dataset):
+    before = snapshot(user_dataset)
+    assert synthetic.ensure_synthetic_dataset(user_dataset, dict(enabled=False, **SYN)) is None
+    assert synthetic.ensure_synthetic_dataset(user_dataset, None) is None
+    assert snapshot(user_dataset) == before
+
+
+def test_synthetic_resumes_its_own_interrupted_write(tmp_path, monkeypatch):
+    out = str(tmp_path / "syn")
+    real = synthetic.make_example
+
+    def crash_on_4(index, **kw):
+        if index == 4:
+            raise RuntimeError("simulated crash")
+        return real(index, **kw)
+
+    monkeypatch.setattr(synthetic, "make_example", crash_on_4)
+    with pytest.raises(RuntimeError, match="simulated"):
+        synthetic.write_dataset(out, **SYN)
+    assert not os.path.exists(os.path.join(out, "metadata.json"))
+    monkeypatch.setattr(synthetic, "make_example", real)
+    meta = synthetic.write_dataset(out, **SYN)
+    fresh = synthetic.write_dataset(str(tmp_path / "fresh"), **SYN)
+    assert meta["num_records"] == 6
+    assert snapshot(out) == snapshot(str(tmp_path / "fresh")) and fresh == meta
+
+
+def test_quickstart_config_switches_synthetic_off_from_the_command_line(monkeypatch):
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["train", f"--config={REPO}/configs/quickstart.py:test",
+            "--config.data.synthetic.enabled=False"]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
+    fv(argv)
+    assert fv.config.data.synthetic.enabled is False
+
+
+# ---------------------------------------------------------------------------- shard writer
+
+def test_converter_never_replaces_an_existing_dataset(user_dataset):
+    before = snapshot(user_dataset)
+    for resume in (False, True):
+        with pytest.raises(cli.UserValueError) as err:
+            shards.write_shards(user_dataset, range(6), _example, name="real", num_shards=2,
+                                metadata={"dataset": "other"}, resume=resume)
+        assert user_dataset in str(err.value) and "--out" in str(err.value)
+        assert snapshot(user_dataset) == before
+    # The very same dataset again: reused, nothing rewritten.
+    meta = shards.write_shards(user_dataset, range(4), _example, name="real", num_shards=2,
+                               metadata={"dataset": "ssl4eo_s12", "bands": ["B1"]})
+    assert meta["num_records"] == 4 and snapshot(user_dataset) == before
+
+
+def test_unfinished_shards_are_replaced_only_with_resume(user_dataset):
+    os.remove(os.path.join(user_dataset, "metadata.json"))  # an unfinished conversion
+    (open(os.path.join(user_dataset, "other.tmp-1"), "w")).write("not ours")
+    before = snapshot(user_dataset)
+    with pytest.raises(cli.UserValueError) as err:
+        shards.write_shards(user_dataset, range(6), _example, name="real", num_shards=2,
+                            metadata={"dataset": "other"})
+    assert "real-00000-of-00002.array_record" in str(err.value)
+    assert "--resume" in str(err.value)
+    assert snapshot(user_dataset) == before
+    shards.write_shards(user_dataset, range(6), _example, name="real", num_shards=2,
+                        metadata={"dataset": "other"}, resume=True)
+    assert open(os.path.join(user_dataset, "other.tmp-1")).read() == "not ours"
+
+
+def test_skip_list_is_stored_as_json(tmp_path):
+    def bad_on_1(item):
+        if item[0] == "1":
+            raise shards.BadInputError(f"/src/{item[0]}", "broken")
+        return _example(int(item[0]))
+
+    out = str(tmp_path / "out")
+    shards.write_shards(out, [("0", ["s"]), ("1", ["s"])], bad_on_1, name="t", num_shards=1,
+                        metadata={"dataset": "t"}, skip_bad=True)
+    with open(os.path.join(out, "metadata.json")) as f:
+        meta = json.load(f)
+    assert meta["skipped"] == [{"item": ["1", ["s"]], "path": "/src/1", "reason": "broken"}]
