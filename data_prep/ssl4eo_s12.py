@@ -58,6 +58,52 @@ def load_labels(path: str) -> dict[str, dict[str, list[str]]]:
     return labels
 
 
+def _class_index(value) -> int | None:
+    """The class of one label value: "4" or 4 (0..8); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        k = value
+    elif isinstance(value, str) and value.isascii() and value.isdigit():
+        k = int(value)
+    else:
+        return None
+    return k if 0 <= k < NUM_CLASSES else None
+
+
+def check_label_values(labels: dict, labels_path: str,
+                       skip_bad: bool) -> tuple[dict, list[dict]]:
+    """Rejects (or with ``skip_bad`` drops) entries that are not lists of classes 0..8.
+
+    Each entry ``labels[location][season]`` must be a list whose items are class indices
+    as strings (``"4"``) or integers (``4``); a string such as ``"48"`` is not a list of
+    classes 4 and 8. A skipped entry leaves its season unlabelled. Returns the usable
+    labels and the list of skipped entries.
+    """
+    usable, skipped = {}, []
+    expected = (f"expected a list of class indices 0..{NUM_CLASSES - 1} as strings or "
+                f"integers, e.g. [\"4\", \"8\"] ([] for a season without classes)")
+    for loc in sorted(labels):
+        for season in sorted(labels[loc]):
+            entry = labels[loc][season]
+            if not isinstance(entry, list):
+                reason = f"label entry [{loc!r}][{season!r}] is {entry!r}; {expected}"
+            else:
+                bad = [v for v in entry if _class_index(v) is None]
+                if not bad:
+                    usable.setdefault(loc, {})[season] = entry
+                    continue
+                reason = (f"label entry [{loc!r}][{season!r}] = {entry!r} has "
+                          f"{', '.join(repr(v) for v in bad[:3])}, not a class; {expected}")
+            if not skip_bad:
+                raise BadInputError(labels_path, reason)
+            log.warning("skipping %s: %s", labels_path, reason)
+            skipped.append({"item": f"{loc}/{season}", "path": labels_path, "reason": reason})
+            usable.setdefault(loc, {})[season] = []  # the season stays, unlabelled
+        usable.setdefault(loc, {})
+    return usable, skipped
+
+
 def check_label_entries(labels: dict, tree: dict[str, list[str]], labels_path: str,
                         loc_root: str, skip_bad: bool) -> tuple[dict, list[dict]]:
     """Drops (with ``skip_bad``) or rejects entries for unknown locations/seasons.
@@ -119,12 +165,12 @@ def match_labels_by_order(labels: dict, tree: dict[str, list[str]], labels_path:
 def multi_hot(entry: list, where: str) -> np.ndarray:
     """Multi-hot (9,) uint8 from ["0", "4", ...]; BadInputError for bad classes."""
     out = np.zeros(NUM_CLASSES, np.uint8)
+    if not isinstance(entry, list):
+        raise BadInputError(where, f"label entry {entry!r} is not a list of class indices "
+                                   f"0..{NUM_CLASSES - 1}")
     for c in entry:
-        try:
-            k = int(c)
-        except (TypeError, ValueError):
-            k = -1
-        if not 0 <= k < NUM_CLASSES:
+        k = _class_index(c)
+        if k is None:
             raise BadInputError(where, f"label {c!r} is not a class index 0..{NUM_CLASSES - 1}")
         out[k] = 1
     return out
@@ -179,9 +225,10 @@ def convert_tree(root: str, modality: str, out: str, *, num_shards: int, labels:
     label_skips: list[dict] = []
     label_map: dict = {}
     if labels:
-        label_map = load_labels(labels)
+        label_map, label_skips = check_label_values(load_labels(labels), labels, skip_bad)
         if match_labels == "order":
-            label_map, label_skips = match_labels_by_order(label_map, tree, labels, skip_bad)
+            label_map, more = match_labels_by_order(label_map, tree, labels, skip_bad)
+            label_skips += more
         elif match_labels != "name":
             raise ValueError(f"match_labels={match_labels!r}: expected 'name' or 'order'")
         label_map, more = check_label_entries(label_map, tree, labels, loc_root, skip_bad)

@@ -163,3 +163,56 @@ def test_skip_list_is_stored_as_json(tmp_path):
     with open(os.path.join(out, "metadata.json")) as f:
         meta = json.load(f)
     assert meta["skipped"] == [{"item": ["1", ["s"]], "path": "/src/1", "reason": "broken"}]
+
+
+# ---------------------------------------------------------------------------- label files
+
+LABEL_CASES = {
+    "digits_string": ("48", "'48'"),
+    "bare_int": (4, "is 4"),
+    "out_of_range": (["2", 9], "has 9, not a class"),
+    "multi_digit_item": (["48"], "has '48', not a class"),
+    "float_item": ([4.0], "has 4.0, not a class"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LABEL_CASES))
+def test_bad_label_entry_names_file_location_and_season(tmp_path, case):
+    from test_data_prep import make_ssl4eo_tree
+
+    root = str(tmp_path / "src")
+    labels = make_ssl4eo_tree(root)
+    season = sorted(labels["0000002"])[1]
+    labels["0000002"][season], fragment = LABEL_CASES[case]
+    lab = os.path.join(root, "ssl4eo_multilabel.json")
+    with open(lab, "w") as f:
+        json.dump(labels, f)
+    out = str(tmp_path / "out")
+    with pytest.raises(shards.BadInputError) as err:
+        ssl4eo_s12.convert_tree(root, "s2c", out, num_shards=1, labels=lab)
+    msg = str(err.value)
+    assert lab in msg and "'0000002'" in msg and repr(season) in msg and fragment in msg
+    assert "expected a list of class indices 0..8" in msg
+    assert not os.path.exists(out)  # nothing written
+    # --skip-bad: counted, that season unlabelled, the others as in the file.
+    meta = ssl4eo_s12.convert_tree(root, "s2c", out, num_shards=1, labels=lab, skip_bad=True)
+    assert meta["num_skipped"] == 1 and meta["skipped"][0]["item"] == f"0000002/{season}"
+    from test_data_prep import read_all
+    ex = {e["location"]: e for e in read_all(out)[1]}["0000002"]
+    t = ex["seasons"].index(season)
+    assert not ex["has_label"][t] and ex["has_label"].sum() == 3
+
+
+def test_integer_class_indices_are_accepted(tmp_path):
+    from test_data_prep import make_ssl4eo_tree, read_all
+
+    root = str(tmp_path / "src")
+    labels = make_ssl4eo_tree(root, n_loc=1)
+    season = sorted(labels["0000000"])[0]
+    labels["0000000"][season] = [4, "8"]
+    lab = os.path.join(root, "ssl4eo_multilabel.json")
+    with open(lab, "w") as f:
+        json.dump(labels, f)
+    ssl4eo_s12.convert_tree(root, "s2c", str(tmp_path / "out"), num_shards=1, labels=lab)
+    ex = read_all(str(tmp_path / "out"))[1][0]
+    assert np.nonzero(ex["labels"][ex["seasons"].index(season)])[0].tolist() == [4, 8]
