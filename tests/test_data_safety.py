@@ -216,3 +216,90 @@ def test_integer_class_indices_are_accepted(tmp_path):
     ssl4eo_s12.convert_tree(root, "s2c", str(tmp_path / "out"), num_shards=1, labels=lab)
     ex = read_all(str(tmp_path / "out"))[1][0]
     assert np.nonzero(ex["labels"][ex["seasons"].index(season)])[0].tolist() == [4, 8]
+
+
+# ---------------------------------------------------------------------------- damaged shards
+
+@pytest.fixture
+def syn_copy(tmp_path_factory):
+    """A fresh copy of a small synthetic dataset (32 px: shards span several 64 KiB blocks)."""
+    base = tmp_path_factory.getbasetemp() / "syn_base"
+    if not base.exists():
+        synthetic.write_dataset(str(base), num_locations=6, num_shards=2, image_size=32)
+    out = tmp_path_factory.mktemp("syn") / "data"
+    shutil.copytree(base, out)
+    return str(out), shards.read_metadata(str(out))
+
+
+def _truncate(path, keep=0.5):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:int(len(data) * keep)])
+
+
+def _flip(path, start=200, stop=260):
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    data[start:stop] = bytes(b ^ 0xFF for b in data[start:stop])
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+
+
+@pytest.mark.parametrize("keep", [0.01, 0.5, 0.99])
+def test_verify_reports_a_truncated_shard_as_one_bad_line(syn_copy, keep, capsys):
+    out, meta = syn_copy
+    shard = meta["shards"][1]
+    _truncate(os.path.join(out, shard), keep)
+    before = snapshot(out)
+    assert verify.main([out, "--no-progress"]) == 1
+    text = capsys.readouterr().out
+    bad = [line for line in text.splitlines() if line.startswith("BAD")]
+    assert len(bad) == 1 and bad[0].startswith(f"BAD {shard}: cannot be opened"), text
+    assert "metadata says 3 records" in bad[0]
+    assert "1 bad" in text
+    assert snapshot(out) == before
+
+
+def test_verify_cli_exits_1_on_a_truncated_shard(syn_copy):
+    out, meta = syn_copy
+    _truncate(os.path.join(out, meta["shards"][0]))
+    res = subprocess.run([sys.executable, "-m", "data_prep.verify", out, "--no-progress"],
+                         capture_output=True, text=True, cwd=REPO,
+                         env=dict(os.environ, PYTHONPATH=REPO))
+    assert res.returncode == 1 and f"BAD {meta['shards'][0]}" in res.stdout
+    assert "Traceback" not in res.stderr
+
+
+def test_opening_a_truncated_shard_names_it(syn_copy):
+    from softcon_jax import data
+
+    out, meta = syn_copy
+    _truncate(os.path.join(out, meta["shards"][1]))
+    before = snapshot(out)
+    with pytest.raises(data.source.CorruptShardError) as err:
+        data.open_dataset(out)
+    msg = str(err.value)
+    assert os.path.join(out, meta["shards"][1]) in msg and "data_prep.verify" in msg
+    assert snapshot(out) == before
+
+
+def test_training_input_on_a_corrupt_record_names_shard_and_record(syn_copy):
+    from softcon_jax import data
+    from softcon_jax.data.source import CorruptShardError
+
+    out, meta = syn_copy
+    shard = os.path.join(out, meta["shards"][1])
+    _flip(shard)  # inside the first record of shard 1: the reader's checksum fails
+    before = snapshot(out)
+    source = data.open_dataset(out).source
+    assert len(source) == 6 and source.where(4) == (shard, 1)
+    source[0]  # other records read fine
+    with pytest.raises(CorruptShardError, match=f"shard {shard} record 0: cannot be read"):
+        source[3]
+    cfg = data.default_config()
+    cfg.path, cfg.image_size = out, 16
+    it = iter(data.build_dataset(cfg, global_batch_size=6, seed=0))
+    with pytest.raises(CorruptShardError, match=f"shard {shard} record 0"):
+        next(it)
+    assert snapshot(out) == before
