@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import snapshot
 
 from data_prep import shards, ssl4eo_s12, synthetic, verify
 from softcon_jax import cli
@@ -19,17 +20,6 @@ from softcon_jax.data import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYN = dict(num_locations=6, num_shards=2, image_size=8)
-
-
-def snapshot(directory):
-    """{relative path: bytes} of every file under `directory`."""
-    out = {}
-    for root, _, files in os.walk(directory):
-        for f in files:
-            p = os.path.join(root, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, directory)] = fh.read()
-    return out
 
 
 def _example(i):
