@@ -64,12 +64,18 @@ class Restored:
 class Checkpointer:
     """Thin wrapper so the trainer reads as: save / latest_step / restore / wait."""
 
-    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
+                 create: bool = True):
         # Orbax needs an absolute path (gs:// paths already are).
         workdir = workdir if "://" in str(workdir) else os.path.abspath(workdir)
         self.directory = epath.Path(workdir) / "checkpoints"
+        if not create and not self.directory.is_dir():
+            raise cli.UserFileNotFoundError(
+                f"no checkpoints in --workdir {workdir}: {self.directory} does not exist; "
+                f"train first (python -m softcon_jax.train ... --workdir {workdir}), or give "
+                f"the workdir of a training run.")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            max_to_keep=keep, create=create, enable_async_checkpointing=async_save,
             # Steps are chosen by the trainer (every N steps, SIGTERM, stop, end).
             save_interval_steps=1)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
