@@ -26,6 +26,7 @@ import numpy as np
 
 from data_prep import geotiff, shards
 from data_prep.shards import BadInputError
+from softcon_jax import cli
 from softcon_jax.data.records import NUM_CLASSES
 
 BANDS = {
@@ -366,21 +367,18 @@ def main(argv: list[str] | None = None) -> None:
                         force=True)
     if a.lmdb and a.labels:
         p.error("--labels can only be joined with --root (the LMDB form has no season names)")
-    try:
-        if a.lmdb:
-            meta = convert_lmdb(a.lmdb, a.modality, a.out, num_shards=a.num_shards,
-                                dtype=a.lmdb_dtype, num_workers=a.num_workers,
-                                resume=a.resume, skip_bad=a.skip_bad, compression=a.compression)
-        else:
-            meta = convert_tree(a.root, a.modality, a.out, num_shards=a.num_shards,
-                                labels=a.labels, match_labels=a.match_labels,
-                                image_size=a.image_size,
-                                num_workers=a.num_workers, resume=a.resume,
-                                skip_bad=a.skip_bad, compression=a.compression)
-    except BadInputError as e:
-        raise SystemExit(f"error: {e}") from None
+    if a.lmdb:
+        meta = convert_lmdb(a.lmdb, a.modality, a.out, num_shards=a.num_shards,
+                            dtype=a.lmdb_dtype, num_workers=a.num_workers,
+                            resume=a.resume, skip_bad=a.skip_bad, compression=a.compression)
+    else:
+        meta = convert_tree(a.root, a.modality, a.out, num_shards=a.num_shards,
+                            labels=a.labels, match_labels=a.match_labels,
+                            image_size=a.image_size,
+                            num_workers=a.num_workers, resume=a.resume,
+                            skip_bad=a.skip_bad, compression=a.compression)
     print(shards.summary(meta, a.out))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
