@@ -192,12 +192,15 @@ def write_dataset(
     num_workers: int = 0,
     name: str = "synthetic",
     key: str | None = None,
-) -> dict:
+    check_only: bool = False,
+) -> dict | None:
     """Writes a synthetic dataset to ``out_dir`` and returns its metadata.
 
     Idempotent: when ``out_dir`` already holds a complete dataset made with
     the same parameters, it is reused as is. Anything else in ``out_dir`` is an
     error (see the module docstring); ``key`` (a config key) is named in it.
+    ``check_only``: only that check (nothing written); returns the metadata to
+    reuse or None.
     """
     modality = modality or default_modality(bands)
     band_names = _MODALITY_BANDS[modality]
@@ -207,7 +210,7 @@ def write_dataset(
                   timesteps=timesteps, seed=seed, modality=modality,
                   label_threshold=label_threshold, unlabelled_prob=unlabelled_prob)
     existing, resume = _check_target(out_dir, params, num_shards, name, key)
-    if existing is not None:
+    if existing is not None or check_only:
         return existing
     fn = functools.partial(make_example, seed=seed, image_size=image_size, timesteps=timesteps,
                            modality=modality, label_threshold=label_threshold,
@@ -321,6 +324,8 @@ def ensure_synthetic_dataset(path: str, spec, *, key: str | None = "config.data.
     meta = None
     if jax.process_index() == 0:
         meta = write_dataset(path, name=name, key=key, **spec)
+    else:  # read-only: a refusal stops every process, not only the writer
+        write_dataset(path, name=name, key=key, check_only=True, **spec)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("synthetic data written")
@@ -328,7 +333,7 @@ def ensure_synthetic_dataset(path: str, spec, *, key: str | None = "config.data.
 
 
 _WRITE_ARGS = [p for p in inspect.signature(write_dataset).parameters
-               if p not in ("out_dir", "name", "key")]
+               if p not in ("out_dir", "name", "key", "check_only")]
 
 
 def main(argv: list[str] | None = None) -> None:
