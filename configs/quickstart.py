@@ -83,6 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.every_steps = 50
         c.eval.data_path = "runs/quickstart/eval_data"
         c.eval.synthetic = ml_collections.ConfigDict(dict(
-            enabled=True, num_locations=320, num_shards=1, image_size=40, bands=13, timesteps=4, seed=1))
+            enabled=True, num_locations=320, num_shards=1, image_size=40, bands=13,
+            timesteps=4, seed=1))
     c.export = ml_collections.ConfigDict(dict(format="timm", which="teacher"))
     return c

@@ -16,7 +16,6 @@ from helpers import snapshot
 
 from data_prep import shards, ssl4eo_s12, synthetic, verify
 from softcon_jax import cli
-from softcon_jax.data import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYN = dict(num_locations=6, num_shards=2, image_size=8)
