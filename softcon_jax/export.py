@@ -44,7 +44,7 @@ def input_bands(data_config, meta: dict) -> list[str] | None:
     """The model's input bands, in order: the band selection, else the dataset's bands."""
     selected = data_config.get("bands")
     if selected:
-        return [str(b) for b in selected]
+        return [selected] if isinstance(selected, str) else [str(b) for b in selected]
     return list(meta["bands"]) if meta.get("bands") else None
 
 

@@ -292,3 +292,16 @@ def test_training_input_on_a_corrupt_record_names_shard_and_record(syn_copy):
     with pytest.raises(CorruptShardError, match=f"shard {shard} record 0"):
         next(it)
     assert snapshot(out) == before
+
+
+def test_verify_names_an_unreadable_metadata_file(syn_copy):
+    out, _ = syn_copy
+    with open(os.path.join(out, "metadata.json"), "w") as f:
+        f.write('{"shards": [')  # cut short
+    before = snapshot(out)
+    with pytest.raises(cli.UserValueError, match=f"{out}/metadata.json is not valid JSON"):
+        verify.verify(out, progress=False)
+    from softcon_jax import data
+    with pytest.raises(cli.UserValueError, match=f"{out}/metadata.json is not valid JSON"):
+        data.open_dataset(out)
+    assert snapshot(out) == before
