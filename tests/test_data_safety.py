@@ -305,3 +305,21 @@ def test_verify_names_an_unreadable_metadata_file(syn_copy):
     with pytest.raises(cli.UserValueError, match=f"{out}/metadata.json is not valid JSON"):
         data.open_dataset(out)
     assert snapshot(out) == before
+
+
+def test_training_on_a_truncated_shard_stops_naming_it(tmp_path):
+    from configs import quickstart
+    from softcon_jax import train
+    from softcon_jax.data.source import CorruptShardError
+
+    config = quickstart.get_config("test")
+    config.data.path = str(tmp_path / "data")
+    meta = synthetic.ensure_synthetic_dataset(config.data.path, config.data.synthetic)
+    shard = os.path.join(config.data.path, meta["shards"][0])
+    _truncate(shard)
+    before = snapshot(config.data.path)
+    with pytest.raises(CorruptShardError) as err:
+        train.train(config, str(tmp_path / "run"))
+    assert f"shard {shard} listed in" in str(err.value) and "data_prep.verify" in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+    assert snapshot(config.data.path) == before
