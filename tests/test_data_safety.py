@@ -323,3 +323,15 @@ def test_training_on_a_truncated_shard_stops_naming_it(tmp_path):
     assert f"shard {shard} listed in" in str(err.value) and "data_prep.verify" in str(err.value)
     assert len(str(err.value).splitlines()) == 1
     assert snapshot(config.data.path) == before
+
+
+def test_a_copy_of_the_quickstart_config_never_overwrites_a_dataset(user_dataset, tmp_path):
+    from configs import quickstart
+    from softcon_jax import train
+
+    config = quickstart.get_config("test")
+    config.data.path = user_dataset
+    before = snapshot(user_dataset)
+    with pytest.raises(cli.UserValueError, match="--config.data.synthetic.enabled=False"):
+        train.train(config, str(tmp_path / "run"))
+    assert snapshot(user_dataset) == before
