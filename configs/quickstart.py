@@ -30,6 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.normalization = "softcon"
     # The reference crop scale (0.08, 1) would cut 3-pixel crops out of 40-pixel scenes.
     c.data.augment.crop_scale = (0.3, 1.0)
+    # Written into c.data.path only if that is empty or holds this same synthetic dataset;
+    # train on your own converted data with --config.data.synthetic.enabled=False.
     c.data.synthetic = common.synthetic(
         num_locations=64 if test else 512, num_shards=2 if test else 4,
         image_size=20 if test else 40, timesteps=4, seed=0)

@@ -21,6 +21,7 @@ import numpy as np
 
 from data_prep import geotiff, shards
 from data_prep.shards import BadInputError
+from softcon_jax import cli
 from softcon_jax.data.records import NUM_CLASSES
 
 BANDS = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12"]
@@ -80,14 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         force=True)
-    try:
-        meta = convert(a.root, a.out, num_shards=a.num_shards, image_size=a.image_size,
-                       timesteps=a.timesteps, num_workers=a.num_workers, resume=a.resume,
-                       skip_bad=a.skip_bad, compression=a.compression)
-    except BadInputError as e:
-        raise SystemExit(f"error: {e}") from None
+    meta = convert(a.root, a.out, num_shards=a.num_shards, image_size=a.image_size,
+                   timesteps=a.timesteps, num_workers=a.num_workers, resume=a.resume,
+                   skip_bad=a.skip_bad, compression=a.compression)
     print(shards.summary(meta, a.out))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -11,6 +11,12 @@
   shards whose marker matches and rewrites the others.
 - ``metadata.json`` is written last (atomically): its presence means the whole
   dataset is complete.
+- Nothing that this run did not write is replaced or deleted. A directory that already
+  holds a dataset (``metadata.json``) is reused when it is exactly the dataset this run
+  would write (same inputs, parameters and shard count; nothing is rewritten) and refused
+  otherwise. Shards of an unfinished conversion (no ``metadata.json``) are replaced only
+  with ``resume=True`` (``--resume``), which keeps those whose inputs are unchanged. Files
+  of other names in the directory are never touched.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from softcon_jax import cli
 from softcon_jax.data import records
 
 log = logging.getLogger("data_prep")
@@ -38,7 +45,7 @@ METADATA_FILE = "metadata.json"
 MARKER_DIR = ".shards"
 
 
-class BadInputError(ValueError):
+class BadInputError(cli.UserValueError):
     """An input file or folder is unusable; ``path`` names it."""
 
     def __init__(self, path: str, reason: str):
@@ -64,10 +71,17 @@ def assign_shards(num_items: int, num_shards: int) -> list[range]:
 def write_json_atomic(path: str, obj: Any) -> None:
     """Writes JSON under a temporary name, then renames it into place."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def read_metadata(directory: str) -> dict | None:
@@ -123,7 +137,7 @@ def _write_shard(task: _Task, progress: Callable[[int], None] | None = None) -> 
                 if not task.skip_bad:
                     raise
                 log.warning("skipping %s (%s)", e.path, e.reason)
-                skipped.append({"item": str(item), "path": e.path, "reason": e.reason})
+                skipped.append({"item": _jsonable(item), "path": e.path, "reason": e.reason})
             else:
                 writer.write(records.encode(example))
                 count += 1
@@ -143,6 +157,62 @@ def _write_shard(task: _Task, progress: Callable[[int], None] | None = None) -> 
     }
     write_json_atomic(os.path.join(task.out_dir, MARKER_DIR, task.filename + ".json"), marker)
     return marker
+
+
+def _jsonable(obj: Any) -> Any:
+    """`obj` as plain JSON values (tuples become lists; anything else its str)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def check_out_dir(out_dir: str, tasks: Sequence[_Task], base: str, *,
+                  resume: bool) -> dict | None:
+    """Refuses to write where this run would replace data it did not write.
+
+    Returns the existing metadata when ``out_dir`` already holds exactly the dataset of
+    ``tasks`` (then nothing needs writing), None when writing may go ahead.
+    """
+    meta_path = os.path.join(out_dir, METADATA_FILE)
+    if os.path.exists(meta_path):
+        try:
+            meta = read_metadata(out_dir)
+        except (OSError, json.JSONDecodeError) as e:
+            raise cli.UserValueError(
+                f"{out_dir} already holds a {METADATA_FILE} that cannot be read ({e}); "
+                f"it is left as it is. Choose another output directory (--out), or move "
+                f"{meta_path} aside yourself.") from None
+        same = (isinstance(meta, dict) and meta.get("fingerprint") == base
+                and meta.get("shards") == [t.filename for t in tasks]
+                and all(_finished_marker(out_dir, t) is not None for t in tasks))
+        if same:
+            return meta
+        what = (f"a {meta.get('dataset', 'converted')!r} dataset of "
+                f"{meta.get('num_records', '?')} records" if isinstance(meta, dict)
+                else "a dataset")
+        raise cli.UserValueError(
+            f"{out_dir} already holds {what} ({meta_path}) that differs from what this "
+            f"command would write (other inputs, parameters or shard count); existing "
+            f"datasets are never replaced. Choose another output directory (--out), or "
+            f"delete {out_dir} yourself if you no longer need it.")
+    if not resume and os.path.isdir(out_dir):
+        present = [t.filename for t in tasks if os.path.exists(os.path.join(out_dir, t.filename))]
+        if present:
+            more = f" and {len(present) - 3} more" if len(present) > 3 else ""
+            raise cli.UserValueError(
+                f"{out_dir} holds shards of an unfinished conversion ({', '.join(present[:3])}"
+                f"{more}) and no {METADATA_FILE}; they are left as they are. Rerun with "
+                f"--resume to keep the finished shards whose inputs are unchanged and "
+                f"rewrite the others, or choose an empty output directory (--out).")
+    return None
+
+
+def _remove_own_leftovers(out_dir: str, tasks: Sequence[_Task]) -> None:
+    """Removes temporary files of an interrupted run of this dataset (its names only)."""
+    prefixes = (tuple(f"{t.filename}.tmp-" for t in tasks)
+                + tuple(f"{t.filename}.json.tmp-" for t in tasks) + (f"{METADATA_FILE}.tmp-",))
+    for directory in (out_dir, os.path.join(out_dir, MARKER_DIR)):
+        for f in os.listdir(directory):
+            if f.startswith(prefixes):
+                os.remove(os.path.join(directory, f))
 
 
 def _finished_marker(out_dir: str, task: _Task) -> dict | None:
@@ -192,14 +262,7 @@ def write_shards(
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     if num_shards > len(items):
         raise ValueError(f"num_shards={num_shards} is more than the {len(items)} locations found")
-    os.makedirs(os.path.join(out_dir, MARKER_DIR), exist_ok=True)
     meta_path = os.path.join(out_dir, METADATA_FILE)
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # the dataset is incomplete until we write it again
-    for f in os.listdir(out_dir):
-        if ".tmp-" in f:  # leftovers of an interrupted run
-            os.remove(os.path.join(out_dir, f))
-
     options = f"group_size:1,{compression}"
     base = _fingerprint(FORMAT_VERSION, records.SCHEMA_VERSION, name, num_shards, metadata,
                         options)
@@ -210,6 +273,13 @@ def write_shards(
             _Task(out_dir, shard_filename(name, i, num_shards), shard_items, make_example,
                   skip_bad, _fingerprint(base, [repr(x) for x in shard_items]), options)
         )
+    existing = check_out_dir(out_dir, tasks, base, resume=resume)
+    if existing is not None:
+        log.info("%s already holds this dataset (%d records); nothing rewritten", out_dir,
+                 existing["num_records"])
+        return existing
+    os.makedirs(os.path.join(out_dir, MARKER_DIR), exist_ok=True)
+    _remove_own_leftovers(out_dir, tasks)
 
     markers: dict[str, dict] = {}
     todo = []
@@ -250,7 +320,7 @@ def write_shards(
                 _drain(progress_queue, bar)
 
     ordered = [markers[t.filename] for t in tasks]
-    skipped = list(pre_skipped) + [s for m in ordered for s in m["skipped"]]
+    skipped = [_jsonable(s) for s in pre_skipped] + [s for m in ordered for s in m["skipped"]]
     meta = dict(metadata)
     meta.update(
         format_version=FORMAT_VERSION,

@@ -25,6 +25,7 @@ import numpy as np
 
 from data_prep import geotiff, shards
 from data_prep.shards import BadInputError
+from softcon_jax import cli
 from softcon_jax.data.records import NUM_CLASSES
 
 BANDS = {
@@ -55,6 +56,52 @@ def load_labels(path: str) -> dict[str, dict[str, list[str]]]:
     if not isinstance(labels, dict) or not all(isinstance(v, dict) for v in labels.values()):
         raise BadInputError(path, "expected {location: {season: [class, ...]}}")
     return labels
+
+
+def _class_index(value) -> int | None:
+    """The class of one label value: "4" or 4 (0..8); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        k = value
+    elif isinstance(value, str) and value.isascii() and value.isdigit():
+        k = int(value)
+    else:
+        return None
+    return k if 0 <= k < NUM_CLASSES else None
+
+
+def check_label_values(labels: dict, labels_path: str,
+                       skip_bad: bool) -> tuple[dict, list[dict]]:
+    """Rejects (or with ``skip_bad`` drops) entries that are not lists of classes 0..8.
+
+    Each entry ``labels[location][season]`` must be a list whose items are class indices
+    as strings (``"4"``) or integers (``4``); a string such as ``"48"`` is not a list of
+    classes 4 and 8. A skipped entry leaves its season unlabelled. Returns the usable
+    labels and the list of skipped entries.
+    """
+    usable, skipped = {}, []
+    expected = (f"expected a list of class indices 0..{NUM_CLASSES - 1} as strings or "
+                f"integers, e.g. [\"4\", \"8\"] ([] for a season without classes)")
+    for loc in sorted(labels):
+        for season in sorted(labels[loc]):
+            entry = labels[loc][season]
+            if not isinstance(entry, list):
+                reason = f"label entry [{loc!r}][{season!r}] is {entry!r}; {expected}"
+            else:
+                bad = [v for v in entry if _class_index(v) is None]
+                if not bad:
+                    usable.setdefault(loc, {})[season] = entry
+                    continue
+                reason = (f"label entry [{loc!r}][{season!r}] = {entry!r} has "
+                          f"{', '.join(repr(v) for v in bad[:3])}, not a class; {expected}")
+            if not skip_bad:
+                raise BadInputError(labels_path, reason)
+            log.warning("skipping %s: %s", labels_path, reason)
+            skipped.append({"item": f"{loc}/{season}", "path": labels_path, "reason": reason})
+            usable.setdefault(loc, {})[season] = []  # the season stays, unlabelled
+        usable.setdefault(loc, {})
+    return usable, skipped
 
 
 def check_label_entries(labels: dict, tree: dict[str, list[str]], labels_path: str,
@@ -116,12 +163,12 @@ def match_labels_by_order(labels: dict, tree: dict[str, list[str]], labels_path:
 def multi_hot(entry: list, where: str) -> np.ndarray:
     """Multi-hot (9,) uint8 from ["0", "4", ...]; BadInputError for bad classes."""
     out = np.zeros(NUM_CLASSES, np.uint8)
+    if not isinstance(entry, list):
+        raise BadInputError(where, f"label entry {entry!r} is not a list of class indices "
+                                   f"0..{NUM_CLASSES - 1}")
     for c in entry:
-        try:
-            k = int(c)
-        except (TypeError, ValueError):
-            k = -1
-        if not 0 <= k < NUM_CLASSES:
+        k = _class_index(c)
+        if k is None:
             raise BadInputError(where, f"label {c!r} is not a class index 0..{NUM_CLASSES - 1}")
         out[k] = 1
     return out
@@ -181,9 +228,10 @@ def convert_tree(root: str, modality: str, out: str, *, num_shards: int, labels:
     label_skips: list[dict] = []
     label_map: dict = {}
     if labels:
-        label_map = load_labels(labels)
+        label_map, label_skips = check_label_values(load_labels(labels), labels, skip_bad)
         if match_labels == "order":
-            label_map, label_skips = match_labels_by_order(label_map, tree, labels, skip_bad)
+            label_map, more = match_labels_by_order(label_map, tree, labels, skip_bad)
+            label_skips += more
         elif match_labels != "name":
             raise ValueError(f"match_labels={match_labels!r}: expected 'name' or 'order'")
         label_map, more = check_label_entries(label_map, tree, labels, loc_root, skip_bad)
@@ -321,21 +369,18 @@ def main(argv: list[str] | None = None) -> None:
                         force=True)
     if a.lmdb and a.labels:
         p.error("--labels can only be joined with --root (the LMDB form has no season names)")
-    try:
-        if a.lmdb:
-            meta = convert_lmdb(a.lmdb, a.modality, a.out, num_shards=a.num_shards,
-                                dtype=a.lmdb_dtype, num_workers=a.num_workers,
-                                resume=a.resume, skip_bad=a.skip_bad, compression=a.compression)
-        else:
-            meta = convert_tree(a.root, a.modality, a.out, num_shards=a.num_shards,
-                                labels=a.labels, match_labels=a.match_labels,
-                                image_size=a.image_size,
-                                num_workers=a.num_workers, resume=a.resume,
-                                skip_bad=a.skip_bad, compression=a.compression)
-    except BadInputError as e:
-        raise SystemExit(f"error: {e}") from None
+    if a.lmdb:
+        meta = convert_lmdb(a.lmdb, a.modality, a.out, num_shards=a.num_shards,
+                            dtype=a.lmdb_dtype, num_workers=a.num_workers,
+                            resume=a.resume, skip_bad=a.skip_bad, compression=a.compression)
+    else:
+        meta = convert_tree(a.root, a.modality, a.out, num_shards=a.num_shards,
+                            labels=a.labels, match_labels=a.match_labels,
+                            image_size=a.image_size,
+                            num_workers=a.num_workers, resume=a.resume,
+                            skip_bad=a.skip_bad, compression=a.compression)
     print(shards.summary(meta, a.out))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

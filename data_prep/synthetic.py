@@ -11,18 +11,29 @@ that season's class map; some seasons are unlabelled, as in SSL4EO-S12-ML.
 
 Everything is a pure function of ``(seed, location index)``, so the output does
 not depend on the number of workers. ``python -m data_prep.synthetic --out DIR``.
+
+A synthetic dataset is written only into a directory that is missing, empty, holds
+the leftovers of an interrupted synthetic write, or already holds the same synthetic
+dataset (same parameters, recorded as ``synthetic_params`` in ``metadata.json``; it
+is then reused as is). Anything else is refused with an error naming the directory:
+the generator never overwrites a user's data. ``ensure_synthetic_dataset`` is what
+the trainer calls for ``config.data.synthetic`` (switch it off with
+``--config.data.synthetic.enabled=False``).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import logging
 import os
+import re
 
 import numpy as np
 
 from data_prep import shards
+from softcon_jax import cli
 
 NUM_CLASSES = 9
 S2C_BANDS = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
@@ -185,11 +196,16 @@ def write_dataset(
     unlabelled_prob: float = 0.1,
     num_workers: int = 0,
     name: str = "synthetic",
-) -> dict:
+    key: str | None = None,
+    check_only: bool = False,
+) -> dict | None:
     """Writes a synthetic dataset to ``out_dir`` and returns its metadata.
 
     Idempotent: when ``out_dir`` already holds a complete dataset made with
-    the same parameters, it is reused as is.
+    the same parameters, it is reused as is. Anything else in ``out_dir`` is an
+    error (see the module docstring); ``key`` (a config key) is named in it.
+    ``check_only``: only that check (nothing written); returns the metadata to
+    reuse or None.
     """
     modality = modality or default_modality(13 if bands is None else bands)
     if modality not in _MODALITY_BANDS:
@@ -202,11 +218,8 @@ def write_dataset(
     params = dict(num_locations=num_locations, image_size=image_size, bands=bands,
                   timesteps=timesteps, seed=seed, modality=modality,
                   label_threshold=label_threshold, unlabelled_prob=unlabelled_prob)
-    existing = shards.read_metadata(out_dir)
-    if (existing and existing.get("synthetic_params") == params
-            and existing.get("num_shards") == num_shards
-            and existing.get("format_version") == shards.FORMAT_VERSION
-            and all(os.path.exists(os.path.join(out_dir, f)) for f in existing["shards"])):
+    existing, resume = _check_target(out_dir, params, num_shards, name, key)
+    if existing is not None or check_only:
         return existing
     fn = functools.partial(make_example, seed=seed, image_size=image_size, timesteps=timesteps,
                            modality=modality, label_threshold=label_threshold,
@@ -224,7 +237,112 @@ def write_dataset(
     }
     return shards.write_shards(out_dir, range(num_locations), fn, name=name,
                                num_shards=num_shards, metadata=metadata,
-                               num_workers=num_workers, desc="synthetic")
+                               num_workers=num_workers, resume=resume, desc="synthetic")
+
+
+def _refuse(out_dir: str, what: str, key: str | None) -> cli.UserValueError:
+    off = (f"set --config.{key.removeprefix('config.')}.enabled=False to use the data that "
+           f"is there, or give the config an empty directory as data path" if key else
+           "choose an empty or new --out directory")
+    return cli.UserValueError(
+        f"{out_dir} {what}; the synthetic dataset is written only into an empty directory "
+        f"or one holding the same synthetic dataset, so nothing was written. To fix: {off}.")
+
+
+def _check_target(out_dir: str, params: dict, num_shards: int, name: str,
+                  key: str | None) -> tuple[dict | None, bool]:
+    """(existing metadata to reuse or None, resume?) for writing into ``out_dir``.
+
+    Raises when ``out_dir`` holds anything but this synthetic dataset or the leftovers of
+    an interrupted synthetic write (shards named ``<name>-*``, their markers, temporaries).
+    """
+    if not os.path.isdir(out_dir):
+        if os.path.exists(out_dir):
+            raise _refuse(out_dir, "exists and is not a directory", key)
+        return None, False
+    meta_path = os.path.join(out_dir, shards.METADATA_FILE)
+    if os.path.exists(meta_path):
+        try:
+            meta = shards.read_metadata(out_dir)
+        except (OSError, ValueError) as e:
+            raise _refuse(out_dir, f"holds an unreadable {meta_path} ({e})", key) from None
+        if not isinstance(meta, dict) or meta.get("dataset") != "synthetic":
+            dataset = meta.get("dataset") if isinstance(meta, dict) else None
+            raise _refuse(out_dir, f"already holds a dataset ({meta_path}: dataset "
+                                   f"{dataset!r}, not the built-in synthetic one)", key)
+        old = meta.get("synthetic_params") or {}
+        diff = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
+        asked, there = dict(params, num_shards=num_shards), dict(old)
+        there["num_shards"] = meta.get("num_shards")
+        if there["num_shards"] != num_shards:
+            diff.append("num_shards")
+        if diff:
+            detail = ", ".join(f"{k}={there.get(k)!r} there, {asked.get(k)!r} asked"
+                               for k in diff[:4])
+            raise _refuse(out_dir, f"already holds a synthetic dataset with other parameters "
+                                   f"({detail})", key)
+        missing = [f for f in meta.get("shards", [])
+                   if not os.path.exists(os.path.join(out_dir, f))]
+        if missing or meta.get("format_version") != shards.FORMAT_VERSION:
+            why = (f"shard {missing[0]} listed in {meta_path} is missing" if missing else
+                   f"format_version {meta.get('format_version')} in {meta_path} is not "
+                   f"{shards.FORMAT_VERSION}")
+            raise _refuse(out_dir, f"holds a damaged synthetic dataset ({why})", key)
+        return meta, False
+    own = re.compile(rf"^{re.escape(name)}-\d{{5}}-of-\d{{5}}\.array_record(\.tmp-\d+)?$"
+                     rf"|^{re.escape(shards.METADATA_FILE)}\.tmp-\d+$")
+    entries = sorted(os.listdir(out_dir))
+    foreign = [f for f in entries if f != shards.MARKER_DIR and not own.match(f)]
+    if shards.MARKER_DIR in entries:
+        marker_dir = os.path.join(out_dir, shards.MARKER_DIR)
+        marker = re.compile(rf"^{re.escape(name)}-\d{{5}}-of-\d{{5}}\.array_record"
+                            rf"\.json(\.tmp-\d+)?$")
+        foreign += [os.path.join(shards.MARKER_DIR, f) for f in sorted(os.listdir(marker_dir))
+                    if not marker.match(f)] if os.path.isdir(marker_dir) else [shards.MARKER_DIR]
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise _refuse(out_dir, f"is not empty and holds no synthetic dataset (found "
+                               f"{', '.join(foreign[:3])}{more})", key)
+    # Empty, or what an interrupted synthetic write leaves: resume it (finished shards
+    # with the same parameters are kept, the others rewritten).
+    return None, bool(entries)
+
+
+def ensure_synthetic_dataset(path: str, spec, *, key: str | None = "config.data.synthetic"):
+    """Writes the synthetic dataset ``spec`` describes into ``path`` unless it is there.
+
+    ``spec``: None, or a mapping (dict / ConfigDict) of ``write_dataset`` arguments plus
+    ``enabled`` (default True; ``enabled=False`` turns writing off). ``key`` names the
+    config entry in error messages. On several processes, process 0 writes and the others
+    wait; every process checks the directory first, so all of them fail alike. Returns the
+    metadata (None when off).
+    """
+    if not spec:
+        return None
+    spec = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
+    if not spec.pop("enabled", True):
+        return None
+    name = spec.pop("name", "synthetic")
+    unknown = sorted(set(spec) - set(_WRITE_ARGS))
+    if unknown:
+        raise cli.UserKeyError(
+            f"{key or 'synthetic spec'}: unknown keys {unknown}; expected 'enabled' and "
+            f"write_dataset arguments {sorted(_WRITE_ARGS)}")
+    import jax  # lazy: the converters do not need it otherwise
+
+    meta = None
+    if jax.process_index() == 0:
+        meta = write_dataset(path, name=name, key=key, **spec)
+    else:  # read-only: a refusal stops every process, not only the writer
+        write_dataset(path, name=name, key=key, check_only=True, **spec)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("synthetic data written")
+    return meta if meta is not None else shards.read_metadata(path)
+
+
+_WRITE_ARGS = [p for p in inspect.signature(write_dataset).parameters
+               if p not in ("out_dir", "name", "key", "check_only")]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,4 +365,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

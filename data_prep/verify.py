@@ -5,21 +5,22 @@ that it decodes, that image shape (T, C, H, W) and dtype match the metadata,
 that float pixels are finite, that labels are 0/1 and zero where
 ``has_label`` is False, that locations are unique and that the per-shard and
 total record counts match the metadata. Prints the counts and one line per bad
-record (shard file and index); exits with status 1 if anything is bad.
+record (shard file and index); exits with status 1 if anything is bad. A shard
+that cannot be opened (truncated, corrupt) is one BAD line naming it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections import Counter
 
 import numpy as np
 from tqdm import tqdm
 
 from data_prep import shards
-from softcon_jax.data import records
+from softcon_jax import cli
+from softcon_jax.data import records, source
 
 
 def check_record(ex: dict, meta: dict) -> list[str]:
@@ -48,14 +49,21 @@ def verify(directory: str, *, progress: bool = True) -> dict:
     "num_labelled_seasons", "num_seasons"}``."""
     from array_record.python.array_record_module import ArrayRecordReader
 
-    meta = shards.read_metadata(directory)
+    meta_path = os.path.join(directory, shards.METADATA_FILE)
+    try:
+        meta = shards.read_metadata(directory)
+    except ValueError as e:
+        raise cli.UserValueError(f"{meta_path} is not valid JSON ({e})") from None
     if meta is None:
-        raise FileNotFoundError(f"{os.path.join(directory, shards.METADATA_FILE)} not found "
-                                f"(missing or incomplete conversion)")
+        raise cli.UserFileNotFoundError(f"{meta_path} not found (missing or incomplete "
+                                        f"conversion)")
+    if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
+        raise cli.UserValueError(f"{meta_path} has no 'shards' list; not the metadata of a "
+                                 f"converted dataset")
     bad: list[tuple[str, int, str]] = []
     locations: Counter = Counter()
     where: dict[str, tuple[str, int]] = {}
-    total = labelled = seasons = 0
+    total = labelled = seasons = unopened = 0
     expected_counts = meta.get("shard_num_records") or [None] * len(meta["shards"])
     bar = tqdm(total=meta.get("num_records"), desc="verify", unit="rec", disable=not progress)
     for shard, expected in zip(meta["shards"], expected_counts):
@@ -63,12 +71,16 @@ def verify(directory: str, *, progress: bool = True) -> dict:
         if not os.path.exists(path):
             bad.append((shard, -1, "shard file missing"))
             continue
-        try:
-            reader = ArrayRecordReader(path)
-            n = reader.num_records()
-        except Exception as e:  # the reader raises plain RuntimeError/ValueError
-            bad.append((shard, -1, f"unreadable shard: {e}"))
+        problem = source.shard_problem(path)  # truncated/corrupt: the reader cannot open it
+        if problem is not None:
+            bad.append((shard, -1, f"cannot be opened (truncated or corrupt): {problem}"
+                                   + (f"; metadata says {expected} records" if expected
+                                      is not None else "")))
+            unopened += 1
+            bar.update(expected or 0)
             continue
+        reader = ArrayRecordReader(path)
+        n = reader.num_records()
         if expected is not None and n != expected:
             bad.append((shard, -1, f"{n} records, metadata says {expected}"))
         for i in range(n):
@@ -85,12 +97,15 @@ def verify(directory: str, *, progress: bool = True) -> dict:
             where.setdefault(ex["location"], (shard, i))
             labelled += int(ex["has_label"].sum())
             seasons += len(ex["seasons"])
-        reader.close()
+        try:
+            reader.close()
+        except Exception as e:
+            bad.append((shard, -1, f"read error: {e}"))
     bar.close()
     for loc, count in locations.items():
         if count > 1:
             bad.append((*where[loc], f"location {loc!r} occurs {count} times"))
-    if total != meta.get("num_records"):
+    if not unopened and total != meta.get("num_records"):
         bad.append(("metadata.json", -1, f"{total} records read, metadata says "
                                          f"{meta.get('num_records')}"))
     bad_records = {(s, i) for s, i, _ in bad}
@@ -104,11 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", help="dataset directory (holding metadata.json)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    try:
-        r = verify(a.dir, progress=not a.no_progress)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    r = verify(a.dir, progress=not a.no_progress)
     print(f"{a.dir}: {r['num_records']} records in {r['num_shards']} shards, "
           f"{r['num_labelled_seasons']}/{r['num_seasons']} seasons labelled, "
           f"{r['num_skipped']} inputs skipped at conversion, {r['num_bad']} bad")
@@ -118,4 +129,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -5,34 +5,86 @@ temporary directory and renames it when complete, so a crash or `kill -9` during
 never leaves a half-written checkpoint under a final name; the previous one stays
 restorable. Saves are asynchronous: the train loop goes on while the state is written.
 Every process must call `save` (each writes its own shards and its own iterator state).
+
+Damaged or mismatching checkpoints are one clear error, never Orbax's traceback:
+
+- Before restoring, the checkpoint's state tree (keys, shapes, dtypes) is compared with the
+  one this config builds; a difference raises `CheckpointMismatchError` ("the checkpoint's
+  state does not match this config") listing the first differing keys and shapes. Nothing
+  is moved or changed: resume with the config the checkpoint was written with, or use a
+  new workdir.
+- A checkpoint that cannot be read (truncated, corrupt or missing files) raises
+  `CheckpointUnreadableError` naming the step directory and the cause. `restore_latest`
+  (what the trainer resumes with) then falls back: it logs a warning, moves the bad step
+  directory aside to `WORKDIR/checkpoints_unreadable/<step>` (kept for inspection, never
+  retried, never deleted) and restores the newest older checkpoint. Read-only tools
+  (export) only report the error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import time
+from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+
+from softcon_jax import cli
+
+UNREADABLE_DIR = "checkpoints_unreadable"
+
+
+class CheckpointMismatchError(cli.UserValueError):
+    """The checkpoint holds a state of another structure than this config builds."""
+
+
+class CheckpointUnreadableError(cli.UserValueError):
+    """A checkpoint step cannot be read; the message names its directory and the cause."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+@dataclasses.dataclass
+class Restored:
+    """What `Checkpointer.restore_latest` restored."""
+
+    step: int
+    state: Any
+    data_restored: bool  # the data iterator's position was restored too
 
 
 class Checkpointer:
     """Thin wrapper so the trainer reads as: save / latest_step / restore / wait."""
 
-    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
+                 create: bool = True):
         # Orbax needs an absolute path (gs:// paths already are).
         workdir = workdir if "://" in str(workdir) else os.path.abspath(workdir)
         self.directory = epath.Path(workdir) / "checkpoints"
+        if not create and not self.directory.is_dir():
+            raise cli.UserFileNotFoundError(
+                f"no checkpoints in --workdir {workdir}: {self.directory} does not exist; "
+                f"train first (python -m softcon_jax.train ... --workdir {workdir}), or give "
+                f"the workdir of a training run.")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            max_to_keep=keep, create=create, enable_async_checkpointing=async_save,
             # Steps are chosen by the trainer (every N steps, SIGTERM, stop, end).
             save_interval_steps=1)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def step_dir(self, step: int) -> epath.Path:
+        return self.directory / str(step)
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -56,16 +108,116 @@ class Checkpointer:
         return (self.directory / str(step) / "data" / name).exists()
 
     def restore(self, step: int, abstract_state, data_iterator=None):
-        """Restores onto the shardings of `abstract_state` (any mesh / device count)."""
+        """Restores onto the shardings of `abstract_state` (any mesh / device count).
+
+        Raises `CheckpointMismatchError` when the stored state has other keys or shapes,
+        `CheckpointUnreadableError` when the step cannot be read.
+        """
+        differences = self.state_differences(step, abstract_state)
+        if differences:
+            shown = "; ".join(differences[:6])
+            more = f" (and {len(differences) - 6} more)" if len(differences) > 6 else ""
+            raise CheckpointMismatchError(
+                f"checkpoint {self.step_dir(step)}: the checkpoint's state does not match "
+                f"this config: {shown}{more}. Resume with the config it was written with "
+                f"(stored in {self.step_dir(step) / 'config'}), or train the changed model "
+                f"in a new --workdir.")
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # Orbax/TensorStore/grain raise many unrelated types
+            raise self._unreadable(step, e) from e
         return restored["state"]
 
+    def _unreadable(self, step: int, e: BaseException) -> CheckpointUnreadableError:
+        cause = " ".join(str(e).split())
+        cause = cause if len(cause) <= 300 else cause[:300] + " ..."
+        return CheckpointUnreadableError(
+            f"checkpoint {self.step_dir(step)} cannot be read ({type(e).__name__}: "
+            f"{cause}).", step)
+
+    def state_differences(self, step: int, abstract_state) -> list[str]:
+        """The first differences between stored state `step` and `abstract_state`.
+
+        One line each: a key only in the checkpoint, only in this config, or with another
+        shape/dtype. Raises `CheckpointUnreadableError` if the stored tree cannot be read.
+        """
+        try:
+            stored = ocp.StandardCheckpointHandler().metadata(self.step_dir(step) / "state")
+            stored = _flat(getattr(stored, "tree", stored))
+        except Exception as e:
+            raise self._unreadable(step, e) from e
+        wanted = _flat(abstract_state)
+        out = []
+        for key in wanted:
+            if key not in stored:
+                out.append(f"{key}: in this config {_desc(wanted[key])}, not in the checkpoint")
+            elif (tuple(stored[key].shape) != tuple(wanted[key].shape)
+                  or jax.numpy.dtype(stored[key].dtype) != jax.numpy.dtype(wanted[key].dtype)):
+                out.append(f"{key}: checkpoint {_desc(stored[key])}, this config "
+                           f"{_desc(wanted[key])}")
+        out += [f"{key}: in the checkpoint {_desc(stored[key])}, not in this config"
+                for key in stored if key not in wanted]
+        return out
+
+    def restore_latest(self, abstract_state, data_iterator=None, *,
+                       move_aside: bool = True) -> Restored | None:
+        """Restores the newest readable checkpoint; None when the workdir has none.
+
+        The data iterator's position is restored when the checkpoint has it for this
+        process count (see `has_data_state`). An unreadable checkpoint is logged, moved to
+        `checkpoints_unreadable/` (with `move_aside`; else the error is raised) and the next
+        older one tried; when none can be read, `CheckpointUnreadableError` says so.
+        A state that does not match raises `CheckpointMismatchError` (nothing moved).
+        """
+        moved = []
+        for step in sorted(self.all_steps(), reverse=True):
+            with_data = data_iterator is not None and self.has_data_state(step)
+            try:
+                state = self.restore(step, abstract_state, data_iterator if with_data else None)
+            except CheckpointUnreadableError as e:
+                if not move_aside:
+                    raise
+                where = self.move_aside(step)
+                moved.append(where)
+                logging.warning("%s Moved it to %s (kept, not retried); falling back to the "
+                                "previous checkpoint.", e, where)
+                continue
+            if moved:
+                logging.warning("Resuming from step %d, the newest readable checkpoint in %s.",
+                                step, self.directory)
+            return Restored(step, state, with_data)
+        if moved:
+            raise CheckpointUnreadableError(
+                f"no checkpoint in {self.directory} can be read; moved "
+                f"{', '.join(str(m) for m in moved)} aside (see the warnings above). Run "
+                f"again to start from step 0, or restore a good checkpoint into "
+                f"{self.directory}.")
+        return None
+
+    def move_aside(self, step: int) -> epath.Path:
+        """Moves step directory `step` to `checkpoints_unreadable/<step>[-<time>]`."""
+        target_dir = self.directory.parent / UNREADABLE_DIR
+        target = target_dir / str(step)
+        if jax.process_index() == 0:
+            target_dir.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                target = target_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            self.step_dir(step).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+        self.manager.reload()
+        return target
+
     def restore_config(self, step: int) -> dict:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore()))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                config=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise self._unreadable(step, e) from e
         return restored["config"]
 
     def reached_preemption(self, step: int) -> bool:
@@ -77,6 +229,24 @@ class Checkpointer:
 
     def close(self):
         self.manager.close()
+
+
+def _key_str(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _flat(tree) -> dict[str, Any]:
+    """{'params/backbone/kernel': leaf} of the array leaves of a pytree."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key_str(k) for k in path): leaf for path, leaf in leaves
+            if hasattr(leaf, "shape")}
+
+
+def _desc(leaf) -> str:
+    return f"{jax.numpy.dtype(leaf.dtype).name}{list(leaf.shape)}"
 
 
 def abstract_with_shardings(state, shardings):

@@ -6,7 +6,10 @@
 
 The teacher (EMA) backbone is exported by default, as MoCo-v3 and SoftCon release it.
 Beside the `.safetensors` file a JSON sidecar records the timm model name and arguments,
-input channels, image size, band order and normalisation (see `softcon_jax.interop`).
+input channels, image size, band order and normalisation (see `softcon_jax.interop`). The band
+order is the run's band selection (`config.data.bands`, e.g. SeCo's B4 B3 B2), or all bands of
+the dataset when it selects none. Both files are written atomically with the usual file mode
+(0644 under the default umask). Nothing is created when `--workdir` has no checkpoints.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 from absl import app, flags, logging
 from etils import epath
 
-from softcon_jax import interop, logs
+from softcon_jax import cli, interop, logs
 from softcon_jax.data import normalize
 from softcon_jax.state import restore_backbone
 
@@ -33,6 +36,14 @@ _WHICH = flags.DEFINE_enum("which", "teacher", ["teacher", "student"],
 def _dataset_metadata(data_config) -> dict:
     path = epath.Path(data_config.path) / "metadata.json"  # local or gs://
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def input_bands(data_config, meta: dict) -> list[str] | None:
+    """The model's input bands, in order: the band selection, else the dataset's bands."""
+    selected = data_config.get("bands")
+    if selected:
+        return [selected] if isinstance(selected, str) else [str(b) for b in selected]
+    return list(meta["bands"]) if meta.get("bands") else None
 
 
 def _normalization_record(data_config, bands) -> dict:
@@ -53,10 +64,10 @@ def _normalization_record(data_config, bands) -> dict:
 def export_workdir(workdir: str, out: str, fmt: str = "timm", step: int | None = None,
                    which: str = "teacher") -> str:
     model, variables, config, step = restore_backbone(workdir, step, which)
-    meta = _dataset_metadata(config.data)
-    normalization = _normalization_record(config.data, meta.get("bands"))
+    bands = input_bands(config.data, _dataset_metadata(config.data))
+    normalization = _normalization_record(config.data, bands)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    interop.export_torch(model, variables, out, fmt, band_order=meta.get("bands"),
+    interop.export_torch(model, variables, out, fmt, band_order=bands,
                          normalization=normalization)
     logging.info("Exported the %s backbone of step %d to %s (%s layout).", which, step, out,
                  fmt)
@@ -75,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)

@@ -25,6 +25,8 @@ import struct
 
 import numpy as np
 
+from softcon_jax import cli
+
 # Panels of training.png, in order: (title, tag prefixes or exact tags, log scale).
 TRAINING_PANELS = [
     ("Loss terms", ("loss/",), False),
@@ -134,8 +136,9 @@ def make_report(workdir: str, out: str | None = None) -> dict[str, str]:
     logdir = os.path.join(workdir, "tensorboard")
     scalars = read_scalars(logdir)
     if not scalars:
-        raise FileNotFoundError(f"--workdir {workdir}: no scalars in event files under "
-                                f"{logdir}; train first (python -m softcon_jax.train).")
+        raise cli.UserFileNotFoundError(
+            f"--workdir {workdir}: no scalars in event files under {logdir}; train first "
+            f"(python -m softcon_jax.train).")
     out = out or os.path.join(workdir, "report")
     os.makedirs(out, exist_ok=True)
     run = os.path.basename(os.path.abspath(workdir))
@@ -177,7 +180,4 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
+    cli.run(main)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from softcon_jax import methods, optim, sharding
+from softcon_jax import cli, methods, optim, sharding
 from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
 
 
@@ -65,18 +65,20 @@ def load_pretrained_backbone(config, method, state, state_shardings):
 def restore_backbone(workdir: str, step: int | None = None, which: str = "teacher"):
     """Returns (backbone module, its variables, config, step) from a training checkpoint.
 
-    The state is restored onto a single device, whatever mesh it was trained on.
+    The state is restored onto a single device, whatever mesh it was trained on. Nothing is
+    created in `workdir`.
     """
-    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt = Checkpointer(workdir, async_save=False, create=False)
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first "
-                                    "(python -m softcon_jax.train ... --workdir "
-                                    f"{workdir}).")
+            raise cli.UserFileNotFoundError(
+                f"No checkpoint in {ckpt.directory}; train first (python -m "
+                f"softcon_jax.train ... --workdir {workdir}).")
         if step not in ckpt.all_steps():
-            raise FileNotFoundError(f"--step={step}: no such checkpoint in {ckpt.directory};"
-                                    f" available steps: {ckpt.all_steps()}.")
+            raise cli.UserFileNotFoundError(
+                f"--step={step}: no such checkpoint in {ckpt.directory}; available steps: "
+                f"{ckpt.all_steps()}.")
         config = ml_collections.ConfigDict(ckpt.restore_config(step))
         mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
         method = methods.get(config.method)(config, mesh)

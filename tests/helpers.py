@@ -32,3 +32,16 @@ def set_dotted(config, overrides: dict):
             target = target[p]
         target[leaf] = value
     return config
+
+
+def snapshot(directory):
+    """{relative path: bytes} of every file under `directory` (to check data is untouched)."""
+    import os
+
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, directory)] = fh.read()
+    return out

@@ -3,18 +3,81 @@
 Every reader of the project (the Grain pipeline, the online kNN monitor, statistics,
 benchmarks) opens a dataset through `open_dataset`, so the checks and error messages are the
 same everywhere: a missing `metadata.json` or shard names the file and the command that writes
-it.
+it. A shard that cannot be opened (truncated, corrupt) or a record that cannot be read raises
+`CorruptShardError` naming the shard and, where known, the record index in it.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import os
 
 import grain
-import jax
 from etils import epath
+
+from softcon_jax import cli
+
+
+class CorruptShardError(cli.UserValueError):
+    """A shard of a converted dataset cannot be read; the message names it."""
+
+
+def _fix(directory: str) -> str:
+    return (f"check the dataset with python -m data_prep.verify {directory}, then restore or "
+            f"reconvert the damaged shard")
+
+
+def shard_problem(path: str) -> str | None:
+    """Why ArrayRecord cannot open shard `path` (None when it can)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    try:
+        reader = ArrayRecordReader(path)
+    except Exception as e:  # the reader raises plain RuntimeError/ValueError
+        return str(e) or type(e).__name__
+    ok = reader.ok()
+    try:
+        reader.close()  # re-raises the error the reader met while opening
+    except Exception as e:
+        return str(e) or type(e).__name__
+    return None if ok else "unreadable"
+
+
+class NamedSource(grain.sources.RandomAccessDataSource):
+    """Record source over the shards of a dataset; read errors name the shard and record."""
+
+    def __init__(self, inner, paths: list[str], counts: list[int], directory: str):
+        self._inner, self._paths, self._directory = inner, list(paths), directory
+        self._starts = [0]
+        for c in counts:
+            self._starts.append(self._starts[-1] + int(c))
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def where(self, index: int) -> tuple[str, int]:
+        """(shard path, record index in it) of global record `index`."""
+        i = min(bisect.bisect_right(self._starts, index) - 1, len(self._paths) - 1)
+        return self._paths[i], index - self._starts[i]
+
+    def _error(self, index: int, e: Exception) -> CorruptShardError:
+        shard, local = self.where(int(index))
+        return CorruptShardError(
+            f"shard {shard} record {local}: cannot be read ({type(e).__name__}: {e}); "
+            f"{_fix(self._directory)}.")
+
+    def __getitem__(self, index):
+        try:
+            return self._inner[index]
+        except (IndexError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise self._error(index, e) from None
+
+    def __repr__(self) -> str:
+        return f"NamedSource({self._directory}, {len(self._paths)} shards)"
 
 
 @dataclasses.dataclass
@@ -34,36 +97,75 @@ def load_metadata(path: str) -> tuple[dict, str]:
     """(metadata dict, metadata file path) of a converted dataset directory."""
     meta_path = epath.Path(path) / "metadata.json"  # local paths or gs://
     if not meta_path.exists():
-        raise FileNotFoundError(
+        raise cli.UserFileNotFoundError(
             f"data path {path!r}: {meta_path} not found; convert a dataset with "
             f"python -m data_prep.ssl4eo_s12 / data_prep.seco / data_prep.synthetic")
-    return json.loads(meta_path.read_text()), str(meta_path)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as e:
+        raise cli.UserValueError(f"{meta_path} is not valid JSON ({e}); restore it or "
+                                 f"reconvert the dataset") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
+        raise cli.UserValueError(f"{meta_path} has no 'shards' list; it is not the metadata "
+                                 f"of a converted dataset (python -m data_prep.*)")
+    return meta, str(meta_path)
 
 
 def open_dataset(path: str) -> Dataset:
-    """Opens `path` (metadata.json + the shards it lists); every shard must exist."""
+    """Opens `path` (metadata.json + the shards it lists); every shard must exist and open."""
     meta, meta_path = load_metadata(path)
     paths = [os.path.join(path, s) for s in meta["shards"]]
     for p in paths:
         if not epath.Path(p).exists():
-            raise FileNotFoundError(f"shard {p} listed in {meta_path} does not exist")
-    return Dataset(path, meta, meta_path, grain.sources.ArrayRecordDataSource(paths))
+            raise cli.UserFileNotFoundError(
+                f"shard {p} listed in {meta_path} does not exist; restore it or reconvert "
+                f"the dataset")
+    try:
+        inner = grain.sources.ArrayRecordDataSource(paths)
+    except Exception as e:  # truncated or corrupt shard: find which one
+        for p in paths:
+            problem = shard_problem(p)
+            if problem is not None:
+                raise CorruptShardError(
+                    f"shard {p} listed in {meta_path} cannot be opened (truncated or "
+                    f"corrupt: {problem}); {_fix(path)}.") from None
+        raise CorruptShardError(f"the shards listed in {meta_path} cannot be opened "
+                                f"({type(e).__name__}: {e}); {_fix(path)}.") from None
+    counts = meta.get("shard_num_records")
+    if counts is not None and (len(counts) != len(paths) or sum(counts) != len(inner)):
+        raise CorruptShardError(
+            f"the shards listed in {meta_path} hold {len(inner)} records, the metadata says "
+            f"{sum(counts)} ({_shard_count_diff(paths, counts)}); {_fix(path)}.")
+    if counts is None:  # older metadata: count per shard (cheap, reads the footers)
+        counts = [_num_records(p) for p in paths]
+    return Dataset(path, meta, meta_path, NamedSource(inner, paths, counts, path))
 
 
-def ensure_synthetic_data(data_config):
+def _num_records(path: str) -> int:
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(path)
+    try:
+        return reader.num_records()
+    finally:
+        reader.close()
+
+
+def _shard_count_diff(paths: list[str], counts: list[int]) -> str:
+    for p, c in zip(paths, counts):
+        n = _num_records(p)
+        if n != c:
+            return f"shard {p} has {n} records, expected {c}"
+    return "per-shard counts differ from the metadata"
+
+
+def ensure_synthetic_data(data_config, key="config.data.synthetic"):
     """Writes the built-in synthetic dataset first when the config asks for one.
 
     `config.data.synthetic` (`enabled` plus `data_prep.synthetic.write_dataset` arguments)
     makes the quickstart and the `runlocal` configs self-contained; turn it off with
-    `--config.data.synthetic.enabled=False`. Process 0 writes; the others wait at a barrier.
+    `--config.data.synthetic.enabled=False`. It never overwrites other data (see
+    `data_prep.synthetic.ensure_synthetic_dataset`).
     """
-    spec = data_config.get("synthetic")
-    if not spec or not spec.get("enabled", True):
-        return
-    if jax.process_index() == 0:
-        from data_prep import synthetic  # the converters are not needed otherwise
-        kwargs = {k: v for k, v in spec.to_dict().items() if k != "enabled"}
-        synthetic.write_dataset(data_config.path, **kwargs)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("synthetic data written")
+    from data_prep import synthetic  # the converters are not needed otherwise
+    synthetic.ensure_synthetic_dataset(data_config.path, data_config.get("synthetic"), key=key)

@@ -19,16 +19,15 @@ import functools
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softcon_jax import models
+from softcon_jax import cli, models
 from softcon_jax.interop import keymaps
-from softcon_jax.interop.io import read_state_dict, write_state_dict
+from softcon_jax.interop.io import read_state_dict, write_state_dict, write_text_atomic
 from softcon_jax.interop.resample import dinov2_interpolate_pos_embed, resample_pos_embed
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,7 @@ FIRST_LAYER_MODES = ("reinit", "from_rgb")
 POS_EMBED_INTERPOLATIONS = ("timm", "dinov2")
 
 
-class StateDictMismatchError(ValueError):
+class StateDictMismatchError(cli.UserValueError):
     """A checkpoint or variables tree does not match the architecture."""
 
 
@@ -251,8 +250,7 @@ def export_torch(model: Any, variables: Any, out_path: str | os.PathLike,
     }
     layout.export_extras(model, format, state_dict, sidecar)
     write_state_dict(state_dict, out_path)
-    sidecar_path = Path(f"{out_path}.json")
-    sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
+    write_text_atomic(f"{out_path}.json", json.dumps(sidecar, indent=2) + "\n")
     return sidecar
 
 

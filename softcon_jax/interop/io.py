@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from softcon_jax import cli
+
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 # Wrappers seen in released checkpoints: {'state_dict': ...} (Lightning, MoCo),
 # {'model': ...} (DINOv2 training, timm), {'teacher': ...} (DINO full checkpoints).
@@ -20,6 +22,37 @@ _WRAPPER_KEYS = ("state_dict", "model", "teacher", "module")
 
 def _is_array_like(v: Any) -> bool:
     return hasattr(v, "shape") and hasattr(v, "dtype")
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` as the process umask lets new files have it (0644 under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def replace_atomic(tmp: str, path: str) -> None:
+    """Gives finished file `tmp` the usual mode (per umask) and renames it to `path`.
+
+    Writers that create files 0600 (temporary files) would otherwise leave the final file
+    unreadable to the group; a crash before the rename leaves `path` untouched.
+    """
+    os.chmod(tmp, umask_mode())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` under a temporary name, then renames it (mode per umask)."""
+    path = str(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        replace_atomic(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _unwrap(obj: Any, path: str) -> dict:
@@ -33,10 +66,12 @@ def _unwrap(obj: Any, path: str) -> dict:
             others = sorted(k for k in obj if k not in tensors)
             if tensors:  # tensors next to metadata (e.g. 'epoch'): keep the tensors
                 return {k: obj[k] for k in tensors}
-            raise ValueError(f"{path}: no state dict found; top-level keys are {others[:20]}, "
-                             f"expected tensors or one of {list(_WRAPPER_KEYS)}.")
+            raise cli.UserValueError(
+                f"{path}: no state dict found; top-level keys are {others[:20]}, "
+                f"expected tensors or one of {list(_WRAPPER_KEYS)}.")
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}.")
+        raise cli.UserValueError(f"{path}: expected a dict of tensors, got "
+                                 f"{type(obj).__name__}.")
     return obj
 
 
@@ -53,12 +88,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a `.safetensors` or `.pth` file into {torch key: NumPy array}."""
     path = str(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file.")
+        raise cli.UserFileNotFoundError(f"{path}: no such checkpoint file.")
     suffix = Path(path).suffix.lower()
     if suffix == ".safetensors":
         from safetensors.numpy import load_file
 
-        return dict(load_file(path))
+        try:
+            return dict(load_file(path))
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise cli.UserValueError(
+                f"{path}: not a readable .safetensors file ({type(e).__name__}: {e}); "
+                f"expected a state dict written by safetensors (e.g. an export of this "
+                f"project or a timm/Hugging Face release).") from None
     if suffix in TORCH_SUFFIXES:
         try:
             import torch
@@ -66,11 +107,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise ImportError(f"{path}: reading {suffix} files needs torch "
                               f"(pip install 'softcon-jax[torch]'), or convert it to "
                               f".safetensors.") from e
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a file that is no torch.save output fails in many ways
+            cause = " ".join(str(e).split())[:200]
+            raise cli.UserValueError(
+                f"{path}: not a PyTorch checkpoint that torch.load(weights_only=True) can "
+                f"read ({type(e).__name__}: {cause}); expected a state dict saved with "
+                f"torch.save (a .pth/.pt/.bin of tensors), or a .safetensors file.") from None
         sd = _unwrap(obj, path)
         return {k: _torch_to_numpy(v) for k, v in sd.items()}
-    raise ValueError(f"{path}: unsupported checkpoint suffix {suffix!r}; expected .safetensors "
-                     f"or one of {list(TORCH_SUFFIXES)}.")
+    raise cli.UserValueError(f"{path}: unsupported checkpoint suffix {suffix!r}; expected "
+                             f".safetensors or one of {list(TORCH_SUFFIXES)}.")
 
 
 def write_state_dict(state_dict: dict[str, np.ndarray], path: str | os.PathLike) -> None:
@@ -85,16 +133,21 @@ def write_state_dict(state_dict: dict[str, np.ndarray], path: str | os.PathLike)
     # np.require keeps 0-d arrays 0-d (torch's num_batches_tracked has shape []);
     # np.ascontiguousarray would make them shape [1].
     arrays = {k: np.require(v, requirements="C") for k, v in state_dict.items()}
+    if suffix != ".safetensors" and suffix not in TORCH_SUFFIXES:
+        raise cli.UserValueError(f"{path}: unsupported output suffix {suffix!r}; expected "
+                                 f".safetensors or one of {list(TORCH_SUFFIXES)}.")
     tmp = f"{path}.tmp-{os.getpid()}"
-    if suffix == ".safetensors":
-        from safetensors.numpy import save_file
+    try:
+        if suffix == ".safetensors":
+            from safetensors.numpy import save_file
 
-        save_file(arrays, tmp, metadata={"format": "pt"})
-    elif suffix in TORCH_SUFFIXES:
-        import torch  # lazy: torch is an optional extra
+            save_file(arrays, tmp, metadata={"format": "pt"})
+        else:
+            import torch  # lazy: torch is an optional extra
 
-        torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, tmp)
-    else:
-        raise ValueError(f"{path}: unsupported output suffix {suffix!r}; expected .safetensors "
-                         f"or one of {list(TORCH_SUFFIXES)}.")
-    os.replace(tmp, path)
+            torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, tmp)
+        replace_atomic(tmp, path)  # mode per umask (0644), like any file the user writes
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
