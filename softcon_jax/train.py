@@ -139,22 +139,21 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
     # --- checkpoint: resume when the workdir has one --------------------------------------
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep,
                         async_save=config.checkpoint.get("async_save", True))
-    start = ckpt.latest_step()
-    if start is None:
+    restored = ckpt.restore_latest(abstract_with_shardings(abstract, state_shardings),
+                                   data_iter)
+    if restored is None:
         state = init_fn(rng)
         start = 0
         if config.get("init") and config.init.get("weights"):
             logging.info("Initialising the backbones from %s.", config.init.weights)
             state = load_pretrained_backbone(config, method, state, state_shardings)
     else:
+        start, state = restored.step, restored.state
         logging.info("Resuming from %s/%d.", ckpt.directory, start)
         # The input position is saved per process (process_i-of-n); a checkpoint written
-        # by another process count has none for this run (issue 6: resume on another
-        # slice size). Then only the train state is restored, see continue_input_at.
-        same_layout = ckpt.has_data_state(start)
-        state = ckpt.restore(start, abstract_with_shardings(abstract, state_shardings),
-                             data_iter if same_layout else None)
-        if not same_layout:
+        # by another process count has none for this run. Then only the train state is
+        # restored, see continue_input_at.
+        if not restored.data_restored:
             continue_input_at(data_iter, start)
 
     # --- loop -----------------------------------------------------------------------------

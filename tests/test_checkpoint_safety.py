@@ -116,3 +116,20 @@ def test_changed_model_lists_the_differing_keys_and_keeps_the_checkpoint(workdir
     assert not os.path.exists(os.path.join(workdir, UNREADABLE_DIR))
     assert int(ck.restore_latest(abstract(make_state())).state.step) == 2
     ck.close()
+
+
+def test_trainer_resumes_from_the_newest_readable_checkpoint(tmp_path):
+    from configs import quickstart
+    from softcon_jax import train
+
+    c = quickstart.get_config("test")
+    c.data.path, c.total_steps, c.checkpoint.every_steps = str(tmp_path / "data"), 8, 4
+    c.checkpoint.async_save = False
+    workdir = str(tmp_path / "run")
+    straight = train.train(c, workdir)
+    DAMAGE["manifest"](os.path.join(workdir, "checkpoints", "8"))
+    resumed = train.train(c, workdir)  # warns, moves step 8 aside, resumes from step 4
+    assert os.path.isdir(os.path.join(workdir, UNREADABLE_DIR, "8"))
+    assert int(resumed.step) == 8
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
