@@ -41,6 +41,7 @@ def _grain_rate(path: str, size: int, channels: int, batch: int, batches: int, w
                 warmup: int, dtype: str = "float32") -> float:
     cfg = data.default_config()
     cfg.path, cfg.image_size, cfg.in_channels, cfg.dtype = path, size, channels, dtype
+    cfg.views = "softcon"
     cfg.num_workers, cfg.read_threads = workers, 1
     it = iter(data.build_dataset(cfg, global_batch_size=batch, seed=0))
     for _ in range(warmup):

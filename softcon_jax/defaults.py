@@ -20,7 +20,7 @@ def data() -> ml_collections.ConfigDict:
     ph = config_dict.placeholder
     return ml_collections.ConfigDict({
         "path": "",                  # directory with metadata.json + shards
-        "views": "softcon",          # 'softcon' | 'seco' (registry)
+        "views": ph(str),            # view builder (registry); None = the method's own
         "image_size": 224,           # output views are image_size x image_size
         "in_channels": 13,           # must equal the number of (selected) bands
         "dtype": ph(str),            # views' dtype; None = float32, or in the trainer the

@@ -101,7 +101,7 @@ def load_from_workdir(workdir: str, step: int | None = None, which: str = "teach
         d = d.copy_and_resolve_references()
         with d.unlocked():  # checkpoints from before the key existed
             d.quantize_uint8 = bool(quantize_uint8)
-        normalizer = data_lib.build_views_transform(d, meta, meta_path).normalizer
+        normalizer = data_lib.make_normalizer(d, meta, meta_path)
     else:
         normalizer = _make_normalizer(name, stats, bands, where, quantize=quantize_uint8)
     if input_scale is None:

@@ -59,9 +59,18 @@ class UnknownNameError(KeyError, ValueError):
 class Registry(Generic[T]):
     """Name -> entry, filled by `register`; `get` fails with the config key it serves."""
 
-    def __init__(self, what: str, config_key: str):
+    def __init__(self, what: str, config_key: str, providers: tuple[str, ...] = ()):
+        """`providers`: modules that register the built-in entries, imported on the first
+        lookup (as big_vision's registries import their modules by name), so a caller that
+        never imported them still finds the built-ins."""
         self.what, self.config_key = what, config_key
         self._entries: dict[str, T] = {}
+        self._providers = tuple(providers)
+
+    def _load_providers(self) -> None:
+        providers, self._providers = self._providers, ()
+        for module in providers:
+            importlib.import_module(module)
 
     def register(self, name: str, entry: T | None = None, *, overwrite: bool = False):
         """`@REG.register("name")` or `REG.register("name", entry)`; returns the entry."""
@@ -80,6 +89,7 @@ class Registry(Generic[T]):
         return add if entry is None else add(entry)
 
     def get(self, name: str, key: str | None = None) -> T:
+        self._load_providers()
         try:
             return self._entries[name]
         except (KeyError, TypeError):
@@ -87,15 +97,18 @@ class Registry(Generic[T]):
                                    self.names()) from None
 
     def names(self) -> list[str]:
+        self._load_providers()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        self._load_providers()
         return name in self._entries
 
     def __getitem__(self, name: str) -> T:
         return self.get(name)
 
     def items(self):
+        self._load_providers()
         return sorted(self._entries.items())
 
 

@@ -103,7 +103,8 @@ def validate(config, mesh):
     compute_dtype(config)  # config.model.dtype
     losses.check_options(config.loss.name, config.loss.get("kwargs"),
                          framework=("temperature", "num_chunks", "row_offset"))
-    data.view_dtype(config.data.get("dtype"), key="config.data.dtype")
+    data.input_dtype(config)  # config.data.dtype
+    data.VIEWS.get(data.views_name(config))  # config.data.views (default: the method's)
     if config.nonfinite not in ("stop", "skip"):
         raise ValueError(f"config.nonfinite={config.nonfinite!r}; expected 'stop' or 'skip'.")
     if config.global_batch_size % jax.process_count():
@@ -128,7 +129,8 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
     dataset = data.build_dataset(config.data, global_batch_size=config.global_batch_size,
                                  seed=config.seed, process_index=jax.process_index(),
                                  process_count=jax.process_count(),
-                                 dtype=config.data.get("dtype") or config.model.dtype)
+                                 dtype=data.input_dtype(config).name,
+                                 views=data.views_name(config))
     data_iter = iter(dataset)
 
     # --- model and optimizer --------------------------------------------------------------

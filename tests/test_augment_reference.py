@@ -12,6 +12,7 @@
 import numpy as np
 import pytest
 
+from softcon_jax import data
 from softcon_jax.data import augment, normalize, pipeline
 
 torch = pytest.importorskip("torch")
@@ -65,7 +66,7 @@ def torchvision_view(rgb_uint8, trace):
 @pytest.mark.parametrize("grayscale_prob", [0.0, 1.0])
 def test_seco_augmented_view_matches_torchvision_colour_ops(grayscale_prob):
     norm = normalize.make_normalizer("seco_quantile", "seco", RGB, quantize=True)
-    params = pipeline.resolve_augment(
+    params = data.views.resolve_augment(
         "seco", {"jitter_prob": 1.0, "grayscale_prob": grayscale_prob,
                  "luma_weights": TV_LUMA}, RGB)
     assert params.rgb and params.augment_before_crop
@@ -116,14 +117,14 @@ def test_colour_ops_run_in_unit_space_before_the_standardisation():
 
 def test_hue_needs_rgb_and_names_the_key():
     twelve = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12"]
-    assert pipeline.resolve_augment("seco", {}, twelve).hue == 0.0  # band set: no hue
-    assert not pipeline.resolve_augment("seco", {}, twelve).rgb
+    assert data.views.resolve_augment("seco", {}, twelve).hue == 0.0  # band set: no hue
+    assert not data.views.resolve_augment("seco", {}, twelve).rgb
     with pytest.raises(ValueError, match="data_config.augment.hue=0.1"):
-        pipeline.resolve_augment("seco", {"hue": 0.1}, twelve)
+        data.views.resolve_augment("seco", {"hue": 0.1}, twelve)
     with pytest.raises(ValueError, match="data_config.augment.rgb=True"):
-        pipeline.resolve_augment("seco", {"rgb": True}, twelve)
+        data.views.resolve_augment("seco", {"rgb": True}, twelve)
     with pytest.raises(ValueError, match="data_config.augment.jitter_order"):
-        pipeline.resolve_augment("softcon", {"jitter_order": "sorted"}, twelve)
+        data.views.resolve_augment("softcon", {"jitter_order": "sorted"}, twelve)
 
 
 # ----------------------------------------------------------------------------- seasons
@@ -142,7 +143,7 @@ def _identity():
 def _builder(views, sampling):
     params = augment.AugmentParams(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0,),
                                    crop_scale=(0.5, 1.0))
-    return pipeline._VIEWS[views](size=4, band_index=None, normalizer=_identity(),
+    return data.VIEWS.get(views)(size=4, band_index=None, normalizer=_identity(),
                                   params=params, season_sampling=sampling)
 
 
@@ -230,17 +231,17 @@ def test_quantize_uint8_config_key_reaches_the_views():
     cfg = pipeline.default_config()
     assert cfg.quantize_uint8 is False  # training default: floats
     meta = {"bands": normalize.S2C_BANDS}
-    assert not pipeline.build_views_transform(cfg, meta, "m.json").normalizer.quantize
+    assert not pipeline.make_normalizer(cfg, meta, "m.json").quantize
     cfg.quantize_uint8 = True
-    assert pipeline.build_views_transform(cfg, meta, "m.json").normalizer.quantize
+    assert pipeline.make_normalizer(cfg, meta, "m.json").quantize
 
 
 def test_evaluation_can_feed_released_weights_the_quantised_input():
-    from softcon_jax import evaluate
+    from softcon_jax import evaluate, pretrained
     args = evaluate._parser().parse_args(["--weights", "w.safetensors", "--task",
                                           evaluate.available_tasks()[0], "--quantize-uint8"])
     assert args.quantize_uint8 is True
-    n = evaluate._make_normalizer("softcon", "s2c", normalize.S2C_BANDS, "here",
+    n = pretrained._make_normalizer("softcon", "s2c", normalize.S2C_BANDS, "here",
                                   quantize=args.quantize_uint8)
     x = np.random.default_rng(0).integers(0, 6000, (4, 4, 13)).astype(np.float32)
     np.testing.assert_array_equal(n(x) * 255, np.round(n(x) * 255))  # uint8 steps

@@ -8,8 +8,9 @@ import pytest
 from scipy import ndimage
 
 from data_prep import shards, synthetic
+from softcon_jax.methods.softcon import SoftConViews
 from softcon_jax import data
-from softcon_jax.data import augment, normalize, pipeline
+from softcon_jax.data import augment, normalize
 
 S2C_MEAN = np.array([1605.58, 1390.78, 1314.87, 1363.52, 1549.44, 2091.75, 2371.72, 2299.90,
                      2560.30, 830.07, 22.10, 2177.07, 1524.07])
@@ -46,6 +47,7 @@ def _constant_dataset(out, timesteps):
 def _cfg(path, **kw):
     cfg = data.default_config()
     cfg.path = path
+    cfg.views = "softcon"  # the trainer sets it from config.method
     cfg.image_size = 8
     cfg.read_threads = 1
     for k, v in kw.items():
@@ -91,7 +93,7 @@ def test_restoring_iterator_state_mid_epoch_continues_exactly(syn_dir, tmp_path)
 
 
 @data.register_views("test_location_ids")
-class _LocationIds(pipeline.SoftConViews):
+class _LocationIds(SoftConViews):
     def views(self, example, rng):
         return {"loc": np.int64(example["location"])}
 

@@ -21,7 +21,7 @@ def syn_dir(tmp_path_factory):
 
 def _host_iter(path):
     cfg = data.default_config()
-    cfg.path, cfg.image_size, cfg.read_threads = path, 8, 1
+    cfg.path, cfg.image_size, cfg.read_threads, cfg.views = path, 8, 1, "softcon"
     return iter(data.build_dataset(cfg, global_batch_size=8, seed=0))
 
 

@@ -288,7 +288,7 @@ def test_training_input_on_a_corrupt_record_names_shard_and_record(syn_copy):
         source[3]
     cfg = data.default_config()
     cfg.path, cfg.image_size = out, 16
-    it = iter(data.build_dataset(cfg, global_batch_size=6, seed=0))
+    it = iter(data.build_dataset(cfg, global_batch_size=6, seed=0, views="softcon"))
     with pytest.raises(CorruptShardError, match=f"shard {shard} record 0"):
         next(it)
     assert snapshot(out) == before

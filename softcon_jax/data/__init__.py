@@ -1,25 +1,34 @@
-"""Input data: record schema, Grain pipeline, augmentations, normalisation.
+"""Input data: record schema, Grain pipeline, view builders, augmentations, normalisation.
 
 ``build_dataset(data_config, *, global_batch_size, seed, process_index=0,
-process_count=1)`` returns an infinite ``grain.IterDataset`` of host-local
-batches; ``default_config()`` gives the ``data_config`` defaults.
-``DevicePrefetcher`` places them on the devices from a background thread.
+process_count=1, views=None)`` returns an infinite ``grain.IterDataset`` of host-local
+batches; ``default_config()`` gives the ``data_config`` defaults. ``make_normalizer`` is
+the pretraining normaliser (training, online monitor and evaluation use it alike).
+``DevicePrefetcher`` places batches on the devices from a background thread.
 """
 
-from softcon_jax.data import augment, normalize, records
+from softcon_jax.data import augment, normalize, records, views
 from softcon_jax.data.pipeline import (
-    available_views,
     build_dataset,
     build_views_transform,
     default_config,
-    register_views,
-    view_dtype,
+    make_normalizer,
 )
 from softcon_jax.data.prefetch import DevicePrefetcher
 from softcon_jax.data.source import Dataset, load_metadata, open_dataset
+from softcon_jax.data.views import (
+    VIEWS,
+    Views,
+    available_views,
+    input_dtype,
+    register_views,
+    view_dtype,
+    views_name,
+)
 
 __all__ = [
-    "augment", "normalize", "records", "available_views", "build_dataset",
-    "build_views_transform", "default_config", "load_metadata", "register_views",
-    "view_dtype", "DevicePrefetcher", "Dataset", "open_dataset",
+    "augment", "normalize", "records", "views", "available_views", "build_dataset",
+    "build_views_transform", "default_config", "input_dtype", "load_metadata",
+    "make_normalizer", "register_views", "view_dtype", "views_name", "VIEWS", "Views",
+    "DevicePrefetcher", "Dataset", "open_dataset",
 ]

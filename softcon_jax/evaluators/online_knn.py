@@ -131,7 +131,7 @@ class OnlineKNN:
         d = config.data
         train_meta, train_meta_path = data_lib.load_metadata(d.path)
         # The pretraining normaliser: same band selection and statistics as training.
-        normalizer = data_lib.build_views_transform(d, train_meta, train_meta_path).normalizer
+        normalizer = data_lib.make_normalizer(d, train_meta, train_meta_path)
         bands = d.get("bands") or train_meta["bands"]
         bands = [bands] if isinstance(bands, str) else list(bands)
         held_out = data_lib.open_dataset(cfg.data_path)
@@ -156,8 +156,7 @@ class OnlineKNN:
                             len(samples) - n_train)
 
         size = int(d.image_size)
-        dtype = jnp.bfloat16 if config.model.get("dtype", "float32") == "bfloat16" \
-            else np.float32
+        dtype = data_lib.input_dtype(config)  # as the training views
         images = np.empty((len(samples), size, size, len(bands)), dtype)
         source = held_out.source
         for row, (i, t, _) in enumerate(samples):

@@ -139,3 +139,9 @@ def health_metrics(z_a, z_b, max_samples: int = 512) -> dict:
     off = ~jnp.eye(n, dtype=bool)
     uniformity = jnp.log(jnp.sum(jnp.where(off, jnp.exp(-2.0 * sq), 0.0)) / (n * (n - 1)))
     return {"health/alignment": alignment, "health/uniformity": uniformity}
+
+
+def example_batch(views, config, n: int) -> dict:
+    """Zeros of a batch of `n` samples as `views.element_spec` describes them (float32)."""
+    spec = views.element_spec(int(config.data.image_size), int(config.data.in_channels))
+    return {k: jnp.zeros((n,) + tuple(shape), jnp.float32) for k, (shape, _) in spec.items()}

@@ -13,8 +13,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from softcon_jax import losses, models
+from softcon_jax.data import augment
+from softcon_jax.data.views import Views, register_views
 from softcon_jax.methods import common
 from softcon_jax.optim import teacher_momentum
 
@@ -36,6 +39,45 @@ class MultiHeadEncoder(nn.Module):
         heads = [models.heads.SeCoHead(self.hidden_dim, self.out_dim, dtype=self.dtype,
                                        name=f"head{e}")(feats) for e in range(self.num_heads)]
         return feats, jnp.stack(heads)
+
+
+@register_views("seco")
+class SeCoViews(Views):
+    """SeCo: t0, t1, t2 random timestamps; q = crop(t0), k0 = aug(t1), k1 = crop(t2),
+    k2 = aug(t0). Keys ``q, k0, k1, k2`` (S, S, C).
+
+    The timestamps are drawn with replacement by default (``season_sampling=
+    'independent'``: the official ``np.random.choice(paths, 3)``, so they coincide about
+    once in T for T timestamps), or distinct (``'distinct'``)."""
+
+    # SeCo (ServiceNow/seasonal-contrast datasets/seco_dataset.py SeasonalContrastMultiAug):
+    # `augment` = ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, RandomGrayscale p=0.2, blur p=0.5,
+    # flip, on the whole image in [0, 1], on k0 and k2 only; then RandomResizedCrop(224,
+    # scale 0.2-1) on every view, ToTensor and ImageNet normalisation last.
+    # (rgb: these are the values for B4, B3, B2 input; other band sets get hue 0.)
+    augment_defaults = augment.AugmentParams(
+        crop_scale=(0.2, 1.0), blur_prob=(0.5,), saturation=0.4, hue=0.1,
+        per_band_jitter=False, augment_before_crop=True, rgb=True)
+    # The official SeCo draws t0, t1, t2 = np.random.choice(paths, 3): with replacement.
+    default_season_sampling = "independent"
+
+    @classmethod
+    def element_spec(cls, size, channels, dtype=np.float32):
+        image = ((size, size, channels), dtype)
+        return {"q": image, **{k: image for k in KEY_VIEWS}}
+
+    def views(self, example: dict, rng: np.random.Generator) -> dict:
+        t = example["image"].shape[0]
+        t0, t1, t2 = self._seasons(rng, t, 3)
+        imgs = {k: self._image(example, k) for k in {t0, t1, t2}}
+        bounds = {k: self.normalizer.quantile_bounds(v) for k, v in imgs.items()}
+        return {
+            "q": self._view(imgs[t0], rng, crop_only=True, bounds=bounds[t0]),
+            "k0": self._view(imgs[t1], rng, blur_prob=self._blur(0), bounds=bounds[t1]),
+            "k1": self._view(imgs[t2], rng, crop_only=True, bounds=bounds[t2]),
+            "k2": self._view(imgs[t0], rng, blur_prob=self._blur(1), bounds=bounds[t0]),
+        }
+
 
 
 @common.METHODS.register("seco")
@@ -67,10 +109,11 @@ class SeCo:
                              f"config.global_batch_size={config.global_batch_size} (FIFO "
                              "enqueue of whole batches, as in MoCo).")
 
+    views = SeCoViews  # the batch contract: what the data pipeline yields per sample
+
     def example_batch(self, n: int) -> dict:
-        s, c = self.config.data.image_size, self.config.data.in_channels
-        image = jnp.zeros((n, s, s, c), jnp.float32)
-        return {"q": image, **{k: image for k in KEY_VIEWS}}
+        """Zeros shaped like a batch of n samples (the views' element spec)."""
+        return common.example_batch(self.views, self.config, n)
 
     # --- state -------------------------------------------------------------------------
 

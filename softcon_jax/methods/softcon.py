@@ -11,10 +11,51 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from softcon_jax import losses, models
+from softcon_jax.data import augment
+from softcon_jax.data.views import NUM_CLASSES, Views, register_views
 from softcon_jax.methods import common
 from softcon_jax.optim import teacher_momentum
+
+
+@register_views("softcon")
+class SoftConViews(Views):
+    """Two views from two random seasons, each with its season's labels.
+
+    The seasons are distinct by default (``season_sampling='distinct'``), or drawn
+    independently (``'independent'``, as SSL4EO-S12 MoCo-v3 ``season='augment'``).
+    Keys: ``view1``, ``view2`` (S, S, C) in the pipeline's dtype; ``labels1``, ``labels2`` (9,)
+    float32 multi-hot (all zeros for an unlabelled season).
+    """
+
+    # MoCo-v3 template used by SoftCon (zhu-xlab/SSL4EO-S12 pretrain_moco_v3_s2c.py): the
+    # crop first; RandomBrightness(0.4) then RandomContrast(0.4) (one factor for all bands,
+    # contrast around each band's mean) p=0.8; ToGray (band mean) p=0.2; blur p=1.0 for
+    # view 1, 0.1 for view 2; flip.
+    augment_defaults = augment.AugmentParams(crop_scale=(0.08, 1.0), blur_prob=(1.0, 0.1),
+                                             per_band_jitter=False, jitter_order="fixed")
+    # Distinct on purpose: the labels are per season, and two different seasons make the
+    # views' soft targets differ; SSL4EO-S12 MoCo-v3 season='augment' is 'independent'.
+    default_season_sampling = "distinct"
+
+    @classmethod
+    def element_spec(cls, size, channels, dtype=np.float32):
+        image, labels = ((size, size, channels), dtype), ((NUM_CLASSES,), np.float32)
+        return {"view1": image, "view2": image, "labels1": labels, "labels2": labels}
+
+    def views(self, example: dict, rng: np.random.Generator) -> dict:
+        t = example["image"].shape[0]
+        s1, s2 = self._seasons(rng, t, 2)
+        out = {}
+        for i, s in enumerate((s1, s2)):
+            img = self._image(example, s)
+            out[f"view{i + 1}"] = self._view(img, rng, blur_prob=self._blur(i),
+                                             bounds=self.normalizer.quantile_bounds(img))
+            out[f"labels{i + 1}"] = example["labels"][s].astype(np.float32)
+        return out
+
 
 
 @common.METHODS.register("softcon")
@@ -46,12 +87,11 @@ class SoftCon:
             raise ValueError(f"config.model.mask_ratio={self.mask_ratio} needs a ViT backbone; "
                              f"{m.backbone!r} has no patch tokens.")
 
+    views = SoftConViews  # the batch contract: what the data pipeline yields per sample
+
     def example_batch(self, n: int) -> dict:
-        """Zeros shaped like a batch of n samples; used to initialise parameters."""
-        s, c = self.config.data.image_size, self.config.data.in_channels
-        image = jnp.zeros((n, s, s, c), jnp.float32)
-        labels = jnp.zeros((n, self.config.data.get("num_classes", 9)), jnp.float32)
-        return {"view1": image, "view2": image, "labels1": labels, "labels2": labels}
+        """Zeros shaped like a batch of n samples (the views' element spec)."""
+        return common.example_batch(self.views, self.config, n)
 
     # --- state -------------------------------------------------------------------------
 

@@ -1,0 +1,151 @@
+"""View builders: one sample's training input, chosen by `config.data.views`.
+
+A method owns its batch contract: its `Views` subclass (in `softcon_jax/methods/`) says
+which seasons it reads, which views it makes, its reference augmentation defaults and its
+element spec. `config.data.views` defaults to the method (`views_name`). The registry
+imports `softcon_jax.methods` on a miss, so data-only tools find the built-in views.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import numpy as np
+
+from softcon_jax.data import augment, normalize, records
+from softcon_jax.registry import Registry
+
+VIEWS: Registry[type] = Registry("view builder", "config.data.views",
+                                 providers=("softcon_jax.methods",))
+# How the seasons (timestamps) of one sample are drawn.
+SEASON_SAMPLINGS = ("distinct", "independent")
+RGB_BANDS = ("B4", "B3", "B2")
+NUM_CLASSES = records.NUM_CLASSES
+
+
+def register_views(name: str):
+    """Class decorator adding a `Views` subclass to the registry under `name`."""
+    return VIEWS.register(name)
+
+
+def available_views() -> list[str]:
+    """Sorted names of the registered view builders."""
+    return VIEWS.names()
+
+
+def views_name(config: Any) -> str:
+    """`config.data.views`, or the method's own views (`config.method`) when unset."""
+    return config.data.get("views") or config.method
+
+
+VIEW_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def view_dtype(name: str | None, key: str = "data_config.dtype") -> np.dtype:
+    """numpy dtype of the views (bfloat16 from ml_dtypes); None means float32."""
+    name = name or "float32"
+    if name not in VIEW_DTYPES:
+        raise ValueError(f"{key}={name!r}: expected one of {VIEW_DTYPES}")
+    if name == "bfloat16":
+        import ml_dtypes  # a jax dependency
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def input_dtype(config: Any, key: str = "config.data.dtype") -> np.dtype:
+    """The one place that decides the views' dtype: `config.data.dtype`, else the model's
+    compute dtype (`config.model.dtype`; the first layer casts to it anyway, and bf16
+    halves the bytes to copy), else float32."""
+    model = config.get("model") or {}
+    return view_dtype(config.data.get("dtype") or model.get("dtype"), key=key)
+
+
+def resolve_augment(views: str | type, overrides: Any,
+                    bands: list[str] | None = None) -> augment.AugmentParams:
+    """The method's reference defaults with the non-None ``overrides`` applied.
+
+    The colour model: RGB (torchvision's colour ops) when ``augment.rgb`` is True, or
+    when it is None and ``bands`` are exactly B4, B3, B2 (without ``bands``: the method's
+    default); band-set ops otherwise, where the method's hue does not apply (0 unless
+    ``augment.hue`` is set, which then fails naming the key).
+    """
+    cls = VIEWS.get(views) if isinstance(views, str) else views
+    base = cls.augment_defaults
+    values = {}
+    for key, value in dict(overrides or {}).items():
+        if value is None:
+            continue
+        if not hasattr(base, key):
+            raise ValueError(f"data_config.augment.{key} is not an augmentation option "
+                             f"(known: {sorted(augment.AugmentParams.__dataclass_fields__)})")
+        if key in ("crop_scale", "crop_ratio", "blur_sigma", "blur_prob", "luma_weights"):
+            value = tuple(float(v) for v in np.atleast_1d(value))
+        values[key] = value
+    rgb = values.pop("rgb", None)
+    if rgb is None:
+        rgb = base.rgb if bands is None else tuple(bands) == RGB_BANDS
+    elif rgb and bands is not None and len(bands) != 3:
+        raise ValueError(f"data_config.augment.rgb=True needs 3 bands (R, G, B), got "
+                         f"{len(bands)}: {list(bands)}")
+    if not rgb and "hue" not in values:
+        values["hue"] = 0.0
+    return augment.AugmentParams(**{**base.__dict__, **values, "rgb": bool(rgb)})
+
+
+class Views(grain.transforms.RandomMap):
+    """Decodes a record and builds one sample's views; a method's subclass defines them.
+
+    Subclasses set `augment_defaults` (the method's reference augmentation) and
+    `default_season_sampling`, and define `views(example, rng)` and `element_spec`: the
+    keys, shapes and dtypes of one sample, which the method also uses to build its
+    initialisation batch, so the two cannot disagree.
+    """
+
+    augment_defaults = augment.AugmentParams()
+    default_season_sampling = "distinct"
+
+    @classmethod
+    def element_spec(cls, size: int, channels: int, dtype: Any = np.float32) -> dict:
+        """{key: (shape, dtype)} of one sample's outputs (no batch dimension)."""
+        raise NotImplementedError
+
+    def __init__(self, *, size: int, band_index: np.ndarray | None,
+                 normalizer: normalize.Normalizer, params: augment.AugmentParams,
+                 dtype: np.dtype = np.dtype(np.float32), season_sampling: str | None = None):
+        self.size = size
+        self.dtype = dtype
+        self.band_index = band_index
+        self.normalizer = normalizer
+        self.params = params
+        self.season_sampling = season_sampling or self.default_season_sampling
+        if self.season_sampling not in SEASON_SAMPLINGS:
+            raise ValueError(f"data_config.season_sampling={self.season_sampling!r}: "
+                             f"expected one of {SEASON_SAMPLINGS}")
+
+    def _seasons(self, rng: np.random.Generator, t: int, k: int) -> list[int]:
+        """``k`` season indices out of ``t``: distinct (when ``t >= k``) or independent."""
+        if self.season_sampling == "independent":
+            return [int(i) for i in rng.integers(0, t, size=k)]
+        return [int(i) for i in rng.choice(t, size=k, replace=t < k)]
+
+    def _image(self, example: dict, t: int) -> np.ndarray:
+        img = example["image"][t]
+        return img if self.band_index is None else img[self.band_index]
+
+    def _view(self, img: np.ndarray, rng: np.random.Generator, *, crop_only: bool = False,
+              blur_prob: float = 0.0, bounds: np.ndarray | None = None,
+              trace: dict | None = None) -> np.ndarray:
+        return augment.make_view(img, rng, size=self.size, normalizer=self.normalizer,
+                                 params=self.params, crop_only=crop_only,
+                                 blur_prob=blur_prob, quantile_bounds=bounds,
+                                 dtype=self.dtype, trace=trace)
+
+    def _blur(self, i: int) -> float:
+        return self.params.blur_prob[i % len(self.params.blur_prob)]
+
+    def random_map(self, element: bytes, rng: np.random.Generator) -> dict:
+        return self.views(records.decode(element), rng)
+
+    def views(self, example: dict, rng: np.random.Generator) -> dict:
+        raise NotImplementedError
