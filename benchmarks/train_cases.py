@@ -32,7 +32,7 @@ SMOKE_STEPS = 2
 _SMOKE_RESNET = dict(stage_sizes=(1, 1, 1, 1), widths=(8, 8, 8, 8))  # timm needs 4 stages
 _SMOKE_VIT = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)
 _SMOKE_HEAD = dict(hidden_dim=32, out_dim=16)
-SECO_QUEUE = 16384  # SeCo's queue length per subspace (REFERENCE §2)
+SECO_QUEUE = 16384  # SeCo's queue length per subspace (ServiceNow/seasonal-contrast main_pretrain.py, --num-negatives)
 
 
 def parse_cases(text: str) -> list[str]:

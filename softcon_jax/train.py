@@ -172,11 +172,11 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
     # One process: a Python SIGTERM handler sets a flag. Several: JAX's preemption service
     # (started by jax.distributed.initialize) owns SIGTERM and makes all processes stop at
     # the same step (ckpt.reached_preemption). A Python handler would replace its C++ one,
-    # and the notice would be swallowed: no process would stop or save (issue 6 test).
+    # and the notice would be swallowed: no process would stop or save (tests/test_train_resilience.py).
     sigterm = _SigtermFlag() if jax.process_count() == 1 else None
     stop_after = config.get("stop_after_step") or None
     last_good = ckpt.latest_step()
-    # config.debug_transfer_guard ('log' | 'disallow'; issue 6): the loop runs under
+    # config.debug_transfer_guard ('log' | 'disallow'): the loop runs under
     # jax.transfer_guard, so an implicit host<->device transfer in it is logged or raises.
     # Batches go in with make_array_from_process_local_data, metrics come out with
     # jax.device_get: both explicit. Set-up (init, restore) is outside the guard.

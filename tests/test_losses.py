@@ -1,8 +1,9 @@
 """Losses against independent float64 NumPy references, sharded and blockwise.
 
-The references below are written from the definitions in issue 3 with explicit loops, and
-their gradients are float64 central finite differences, so they share no code or algebra
-with softcon_jax.losses.
+The references below are written from the papers' definitions (InfoNCE as MoCo-v3, Chen et
+al. 2021; the soft contrastive loss, Wang, Albrecht, Zhu 2024; SeCo's seasonal InfoNCE,
+Manas et al. 2021) with explicit loops, and their gradients are float64 central finite
+differences, so they share no code or algebra with softcon_jax.losses.
 """
 
 import numpy as np

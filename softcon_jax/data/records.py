@@ -30,7 +30,7 @@ import numpy as np
 
 SCHEMA_NAME = "softcon_jax.location"
 SCHEMA_VERSION = 1
-NUM_CLASSES = 9  # Dynamic World classes, REFERENCE §1.
+NUM_CLASSES = 9  # Dynamic World classes (Brown et al. 2022), as SSL4EO-S12-ML's labels
 
 # Plain numeric dtypes only: object/void dtypes could not round-trip safely.
 ALLOWED_DTYPES = frozenset(
