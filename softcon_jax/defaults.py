@@ -22,6 +22,7 @@ def data() -> ml_collections.ConfigDict:
         "path": "",                  # directory with metadata.json + shards
         "views": ph(str),            # view builder (registry); None = the method's own
         "image_size": 224,           # output views are image_size x image_size
+        "allow_upsample": False,     # True: allow image_size above the stored size
         "in_channels": 13,           # must equal the number of (selected) bands
         "dtype": ph(str),            # views' dtype; None = float32, or in the trainer the
                                      # model's compute dtype (config.model.dtype)

@@ -30,6 +30,7 @@ import os
 
 import numpy as np
 
+from softcon_jax import cli
 from softcon_jax.data import normalize
 from softcon_jax.evaluators.tasks import available_tasks, evaluate
 from softcon_jax.evaluators.tfds_datasets import EvalOptions
@@ -141,7 +142,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, ImportError) as e:  # user errors: no traceback
-        raise SystemExit(f"error: {e}") from None
+    cli.run(main)

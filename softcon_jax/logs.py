@@ -5,6 +5,7 @@ The metrics themselves (mAP, kNN, ...) live in `softcon_jax.evaluators`.
 
 from __future__ import annotations
 
+import contextlib
 import logging as logging_std
 import os
 import time
@@ -55,13 +56,23 @@ class Progress:
         self.total, self.batch = total_steps, global_batch_size
         self._last_time, self._last_step = time.perf_counter(), first_step
         self.first_loss = self.last_loss = None
+        self._paused = 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluation, checkpointing) does not count as step time."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - t0
 
     def timing(self, step: int) -> dict:
-        """Step time and throughput since the previous call (uses host wall-clock)."""
+        """Step time and throughput since the previous call (host wall-clock, pauses out)."""
         now = time.perf_counter()
         steps = max(step - self._last_step, 1)
-        step_time = (now - self._last_time) / steps
-        self._last_time, self._last_step = now, step
+        step_time = max(now - self._last_time - self._paused, 1e-9) / steps
+        self._last_time, self._last_step, self._paused = now, step, 0.0
         return {"perf/step_time_s": step_time, "perf/images_per_s": self.batch / step_time}
 
     def report(self, step: int, loss: float, timing: dict):
@@ -73,6 +84,15 @@ class Progress:
         logging.info("step %d/%d | loss %.4f | %.1f img/s | %.3f s/step | ETA %s", step,
                      self.total, loss, timing["perf/images_per_s"], timing["perf/step_time_s"],
                      _format_seconds(eta))
+
+
+    def report_eval(self, step: int, scalars: dict):
+        """Console line of an online evaluation (process 0 only)."""
+        if jax.process_index() != 0:
+            return
+        shown = " | ".join(f"{k.split('/')[-1]} {float(v):.4f}" for k, v in scalars.items()
+                           if not k.endswith("_time_s"))
+        logging.info("step %d/%d | eval: %s", step, self.total, shown)
 
 
 def _format_seconds(seconds: float) -> str:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from softcon_jax.registry import Registry
+from softcon_jax.cli import UserValueError
 
 # timm's convention: these embeddings get no weight decay, like norms and biases.
 _NO_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token")
@@ -121,7 +122,7 @@ def scale_by_lars_moco(weight_decay: float = 0.0, momentum: float = 0.9,
 
     def update_fn(updates, state, params):
         if params is None:
-            raise ValueError("lars_moco needs the parameters (tx.update(grads, state, params)).")
+            raise UserValueError("lars_moco needs the parameters (tx.update(grads, state, params)).")
         mask = weight_decay_mask(params) if callable(weight_decay_mask) else weight_decay_mask
         if mask is None:
             mask = jax.tree.map(lambda _: True, params)

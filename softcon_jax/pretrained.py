@@ -19,6 +19,7 @@ from softcon_jax import interop
 from softcon_jax.data import normalize
 from softcon_jax.evaluators.backbone import SECO_INPUT_SCALE, Backbone, canonical_band
 from softcon_jax.state import restore_backbone
+from softcon_jax.cli import UserValueError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def features_fn(model: Any):
 def _default_bands(in_channels: int, where: str) -> list[str]:
     defaults = {13: normalize.S2C_BANDS, 12: normalize.S2A_BANDS, 2: ["VV", "VH"]}
     if in_channels not in defaults:
-        raise ValueError(f"{where}: no band order recorded and no default for "
+        raise UserValueError(f"{where}: no band order recorded and no default for "
                          f"{in_channels} input channels; pass --bands.")
     log.warning("%s: no band order recorded; assuming %s.", where, defaults[in_channels])
     return list(defaults[in_channels])
@@ -39,7 +40,7 @@ def _default_bands(in_channels: int, where: str) -> list[str]:
 
 def _checked_bands(bands: list[str], model: Any, where: str) -> list[str]:
     if len(bands) != model.in_channels:
-        raise ValueError(f"{where}: band order {list(bands)} has {len(bands)} bands but the "
+        raise UserValueError(f"{where}: band order {list(bands)} has {len(bands)} bands but the "
                          f"model has {model.in_channels} input channels.")
     return [canonical_band(b) for b in bands]
 
@@ -48,13 +49,13 @@ def _make_normalizer(name: str | None, stats: Any, bands: list[str], where: str,
                      per_band: dict | None = None, quantize: bool = False
                      ) -> normalize.Normalizer:
     if not name:
-        raise ValueError(f"{where}: no input normalisation recorded; pass --normalization "
+        raise UserValueError(f"{where}: no input normalisation recorded; pass --normalization "
                          f"(one of {normalize.METHODS}) and --stats.")
     if isinstance(stats, str) and stats in normalize.STATS:
         return normalize.make_normalizer(name, stats, bands, quantize=quantize)
     if per_band:  # measured statistics recorded in the sidecar
         return normalize.make_normalizer(name, dict(per_band), bands, quantize=quantize)
-    raise ValueError(f"{where}: normalisation stats {stats!r} are not a preset "
+    raise UserValueError(f"{where}: normalisation stats {stats!r} are not a preset "
                      f"({sorted(normalize.STATS)}) and no per-band table is recorded; "
                      f"pass --stats.")
 
@@ -141,12 +142,12 @@ def load_from_weights(path: str, *, normalization: str | None = None,
     meta = json.loads(open(sidecar_path).read())
     for key in ("timm_name", "in_chans"):
         if key not in meta:
-            raise ValueError(f"{sidecar_path}: missing key {key!r}.")
+            raise UserValueError(f"{sidecar_path}: missing key {key!r}.")
     arch, in_chans = meta["timm_name"], int(meta["in_chans"])
     vit = arch.startswith("vit")
     size = img_size or meta.get("img_size") or 224
     if vit and meta.get("img_size") and img_size and img_size != meta["img_size"]:
-        raise ValueError(f"--img-size {img_size}: {arch} in {path} was built for "
+        raise UserValueError(f"--img-size {img_size}: {arch} in {path} was built for "
                          f"img_size={meta['img_size']}.")
     model, variables = interop.import_torch(path, arch, in_chans, img_size=int(size),
                                             **_arch_kwargs(meta.get("timm_kwargs", {})))

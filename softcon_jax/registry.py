@@ -22,6 +22,8 @@ import importlib
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
+from softcon_jax.cli import UserKeyError
+
 T = TypeVar("T")
 
 
@@ -41,7 +43,7 @@ def close_match(name: str, candidates: Iterable[str]) -> str | None:
     return None
 
 
-class UnknownNameError(KeyError, ValueError):
+class UnknownNameError(UserKeyError, ValueError):
     """A config chose a name nothing is registered under. One line: key, match, choices."""
 
     def __init__(self, key: str, what: str, name: Any, available: list[str]):
@@ -118,7 +120,7 @@ def import_modules(names: Iterable[str] | None, key: str = "config.imports") -> 
         try:
             importlib.import_module(name)
         except ImportError as e:
-            raise ImportError(f"{key}: cannot import {name!r} ({e}). It must be importable "
+            raise UserKeyError(f"{key}: cannot import {name!r} ({e}). It must be importable "
                               "from the working directory or PYTHONPATH.") from e
 
 

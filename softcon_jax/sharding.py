@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from softcon_jax.cli import UserValueError
+
 MESH_AXES = ("data", "fsdp")
 # The batch dimension is split over every mesh axis.
 BATCH_AXES = MESH_AXES
@@ -33,18 +35,18 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     data, fsdp = int(mesh_config.get("data", -1)), int(mesh_config.get("fsdp", 1))
     unknown = set(mesh_config.keys()) - set(MESH_AXES)
     if unknown:
-        raise ValueError(
+        raise UserValueError(
             f"config.mesh has unknown axes {sorted(unknown)}; the mesh axes are {MESH_AXES}.")
     if fsdp < 1 or (data < 1 and data != -1):
-        raise ValueError(f"config.mesh: axis sizes must be positive (data may be -1), got "
+        raise UserValueError(f"config.mesh: axis sizes must be positive (data may be -1), got "
                          f"data={data}, fsdp={fsdp}.")
     if data == -1:
         if len(devices) % fsdp:
-            raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the {len(devices)} "
+            raise UserValueError(f"config.mesh.fsdp={fsdp} does not divide the {len(devices)} "
                              "available devices.")
         data = len(devices) // fsdp
     if data * fsdp != len(devices):
-        raise ValueError(f"config.mesh asks for data={data} x fsdp={fsdp} = {data * fsdp} "
+        raise UserValueError(f"config.mesh asks for data={data} x fsdp={fsdp} = {data * fsdp} "
                          f"devices, but {len(devices)} are available.")
     return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2,
                          devices=devices)
@@ -58,7 +60,7 @@ def check_batch_divides(global_batch_size: int, mesh: Mesh, key: str = "config.g
     """A clear error when the mesh cannot split the global batch evenly."""
     shards = num_batch_shards(mesh)
     if global_batch_size % shards:
-        raise ValueError(
+        raise UserValueError(
             f"{key}={global_batch_size} is not divisible by the {shards} batch shards of the "
             f"mesh (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}). Choose a multiple "
             f"of {shards}, or change config.mesh.")

@@ -14,7 +14,6 @@ Running again with the same WORKDIR resumes from the latest checkpoint.
 from __future__ import annotations
 
 import contextlib
-import signal
 import time
 
 import grain
@@ -22,8 +21,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from softcon_jax import data, distributed, logs, losses, methods, optim, sharding
+from softcon_jax import cli, data, distributed, logs, losses, methods, optim, overrides, sharding
 from softcon_jax.registry import import_modules
+from softcon_jax.signals import StopSignals
 from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
 from softcon_jax.data.source import ensure_synthetic_data
 from softcon_jax.evaluators.online_knn import OnlineKNN
@@ -31,6 +31,7 @@ from softcon_jax.logs import MetricWriter, Progress
 from softcon_jax.methods.common import compute_dtype
 from softcon_jax.state import TrainState, create_train_state, load_pretrained_backbone
 from softcon_jax.step import jit_train_step, window_mean
+from softcon_jax.cli import UserValueError
 
 
 def _define_flags():
@@ -65,40 +66,35 @@ def continue_input_at(data_iter, step: int) -> None:
             "count the checkpoint was written with.") from e
 
 
-# ==== Preemption ==========================================================================
+# ==== Errors ==============================================================================
 
-class _SigtermFlag:
-    """Turns SIGTERM (a preemption notice) into a flag the loop polls between steps."""
-
-    def __init__(self):
-        self.received = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and exiting.")
-        self.received = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
-
-
-class NonFiniteError(RuntimeError):
-    pass
+class NonFiniteError(cli.UserError, RuntimeError):
+    """Non-finite loss or gradient with config.nonfinite='stop'."""
 
 
 # ==== The run =============================================================================
 
+_POSITIVE = ("global_batch_size", "total_steps", "log_every_steps", "checkpoint.every_steps",
+             "checkpoint.keep", "optimizer.lr", "loss.temperature")
+
+
 def validate(config, mesh):
-    """Fails early, naming the config key, on settings that cannot work."""
+    """Fails early (before compiling), naming the config key, on settings that cannot work."""
+    for key in _POSITIVE:
+        value = config
+        for part in key.split("."):
+            value = value.get(part) if value is not None else None
+        if value is not None and not value > 0:
+            raise UserValueError(f"config.{key}={value}; expected a positive value.")
     sharding.check_batch_divides(config.global_batch_size, mesh)
     accum = int(config.get("grad_accum_steps", 1))
     if accum < 1:
-        raise ValueError(f"config.grad_accum_steps={accum}; expected a positive integer.")
+        raise UserValueError(f"config.grad_accum_steps={accum}; expected a positive integer.")
     if accum > 1:
         sharding.check_batch_divides(config.global_batch_size // accum, mesh,
                                      key="config.global_batch_size / config.grad_accum_steps")
         if config.global_batch_size % accum:
-            raise ValueError(f"config.global_batch_size={config.global_batch_size} is not "
+            raise UserValueError(f"config.global_batch_size={config.global_batch_size} is not "
                              f"divisible by config.grad_accum_steps={accum}.")
     compute_dtype(config)  # config.model.dtype
     losses.check_options(config.loss.name, config.loss.get("kwargs"),
@@ -106,9 +102,9 @@ def validate(config, mesh):
     data.input_dtype(config)  # config.data.dtype
     data.VIEWS.get(data.views_name(config))  # config.data.views (default: the method's)
     if config.nonfinite not in ("stop", "skip"):
-        raise ValueError(f"config.nonfinite={config.nonfinite!r}; expected 'stop' or 'skip'.")
+        raise UserValueError(f"config.nonfinite={config.nonfinite!r}; expected 'stop' or 'skip'.")
     if config.global_batch_size % jax.process_count():
-        raise ValueError(f"config.global_batch_size={config.global_batch_size} is not "
+        raise UserValueError(f"config.global_batch_size={config.global_batch_size} is not "
                          f"divisible by the {jax.process_count()} processes.")
 
 
@@ -151,6 +147,12 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
             state = load_pretrained_backbone(config, method, state, state_shardings)
     else:
         start, state = restored.step, restored.state
+        if start >= config.total_steps:
+            logging.info("Nothing to do: checkpoint %d in %s >= config.total_steps=%d. Raise "
+                         "--config.total_steps to train further.", start, ckpt.directory,
+                         config.total_steps)
+            ckpt.close()
+            return state
         logging.info("Resuming from %s/%d.", ckpt.directory, start)
         # The input position is saved per process (process_i-of-n); a checkpoint written
         # by another process count has none for this run. Then only the train state is
@@ -169,11 +171,9 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
     monitor = OnlineKNN.for_method(config, mesh, method)  # off unless config.eval asks
     writer = MetricWriter(workdir)
     progress = Progress(config.total_steps, config.global_batch_size, start)
-    # One process: a Python SIGTERM handler sets a flag. Several: JAX's preemption service
-    # (started by jax.distributed.initialize) owns SIGTERM and makes all processes stop at
-    # the same step (ckpt.reached_preemption). A Python handler would replace its C++ one,
-    # and the notice would be swallowed: no process would stop or save (tests/test_train_resilience.py).
-    sigterm = _SigtermFlag() if jax.process_count() == 1 else None
+    # SIGTERM / Ctrl-C save and exit (one process); several processes agree on preemption
+    # through JAX's service instead (see softcon_jax/signals.py).
+    signals = StopSignals() if jax.process_count() == 1 else None
     stop_after = config.get("stop_after_step") or None
     last_good = ckpt.latest_step()
     # config.debug_transfer_guard ('log' | 'disallow'): the loop runs under
@@ -190,14 +190,18 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
         if bad and config.nonfinite == "stop":
             raise NonFiniteError(
                 f"Non-finite loss or gradient in {bad} step(s) up to step {step}; those "
-                f"updates were not applied. Stopping (config.nonfinite='stop'). The last good "
-                f"checkpoint is step {last_good} in {ckpt.directory}.")
+                f"updates were not applied. Stopping (config.nonfinite='stop'). "
+                + (f"The last good checkpoint is step {last_good} in {ckpt.directory}."
+                   if last_good is not None else "No checkpoint was written yet.")
+                + " Lower config.optimizer.lr, check the data's normalisation "
+                "(config.data.stats), or set config.nonfinite='skip'.")
         return bad
 
     def save(step):
         nonlocal last_good
         check_finite(step)
-        ckpt.save(step, state, batches, config)
+        with progress.paused():  # saving is not training time (img/s, ETA)
+            ckpt.save(step, state, batches, config)
         last_good = step
 
     try:
@@ -222,17 +226,19 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
                 writer.write_scalars(step, {**metrics, **timing, "train/nonfinite_steps": bad})
                 progress.report(step, float(metrics["loss/total"]), timing)
             # Every process runs it: the kNN forward is one jitted function over the mesh.
-            if scalars := monitor.maybe_run(step, state):
-                writer.write_scalars(step, scalars)
+            with progress.paused():
+                if scalars := monitor.maybe_run(step, state):
+                    writer.write_scalars(step, scalars)
+                    progress.report_eval(step, scalars)
 
-            preempted = (ckpt.reached_preemption(step) if jax.process_count() > 1
-                         else sigterm.received)
-            if preempted or step == stop_after:
+            stop = ("preemption" if ckpt.reached_preemption(step) else None
+                    ) if signals is None else signals.reason
+            if stop or step == stop_after:
                 save(step)
                 ckpt.wait()
                 logging.info("Stopped at step %d (%s); checkpoint saved. Run again with the "
                              "same --workdir to resume.", step,
-                             "preemption" if preempted else "config.stop_after_step")
+                             stop or "config.stop_after_step")
                 return state
             if step % config.checkpoint.every_steps == 0 or step == config.total_steps:
                 save(step)
@@ -244,8 +250,8 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
     finally:
         guard.close()
         batches.close()
-        if sigterm is not None:
-            sigterm.restore()
+        if signals is not None:
+            signals.restore()
         ckpt.wait()
         ckpt.close()
         writer.close()
@@ -259,6 +265,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    import sys
+
+    # A misspelt --config.<key> is one line naming the valid keys at its level.
+    if rc := cli.call(overrides.check_argv, sys.argv[1:]):
+        sys.exit(rc)
     _define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run_absl(main)

@@ -39,6 +39,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from softcon_jax.cli import UserValueError
+
 # ITU-R 601-2 luma, PIL's Image.convert('L') (torchvision's tensor ops use 0.2989 for R).
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 JITTER_ORDERS = ("random", "fixed")
@@ -68,14 +70,14 @@ class AugmentParams:
 
     def __post_init__(self):
         if self.jitter_order not in JITTER_ORDERS:
-            raise ValueError(f"data_config.augment.jitter_order={self.jitter_order!r}: "
+            raise UserValueError(f"data_config.augment.jitter_order={self.jitter_order!r}: "
                              f"expected one of {JITTER_ORDERS}")
         if self.hue and not self.rgb:
-            raise ValueError(f"data_config.augment.hue={self.hue} needs RGB input (bands "
+            raise UserValueError(f"data_config.augment.hue={self.hue} needs RGB input (bands "
                              f"B4, B3, B2, or data_config.augment.rgb=True); set "
                              f"data_config.augment.hue=0 for other band sets")
         if not 0 <= self.hue <= 0.5:
-            raise ValueError(f"data_config.augment.hue={self.hue}: expected 0 <= hue <= 0.5")
+            raise UserValueError(f"data_config.augment.hue={self.hue}: expected 0 <= hue <= 0.5")
 
 
 def sample_crop_box(rng: np.random.Generator, height: int, width: int,
@@ -174,7 +176,7 @@ def color_jitter(x: np.ndarray, rng: np.random.Generator, brightness: float, con
 def luminance(x: np.ndarray, weights=LUMA_WEIGHTS) -> np.ndarray:
     """(H, W, 1) weighted sum of the R, G, B channels of (H, W, 3), float32."""
     if x.shape[-1] != 3:
-        raise ValueError(f"luminance needs 3 channels (R, G, B), got {x.shape[-1]}")
+        raise UserValueError(f"luminance needs 3 channels (R, G, B), got {x.shape[-1]}")
     w = np.asarray(weights, np.float32)
     return (x[..., 0:1] * w[0] + x[..., 1:2] * w[1] + x[..., 2:3] * w[2]).astype(np.float32)
 

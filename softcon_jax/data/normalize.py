@@ -31,6 +31,8 @@ import dataclasses
 
 import numpy as np
 
+from softcon_jax.cli import UserValueError
+
 S2C_BANDS = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
 S2A_BANDS = [b for b in S2C_BANDS if b != "B10"]
 
@@ -56,6 +58,26 @@ STATS: dict[str, dict[str, dict[str, float]]] = {
     },
 }
 METHODS = ("softcon", "zscore", "seco_quantile")
+
+# The stored value range each statistics preset was measured on: Sentinel-2 reflectance
+# x 10000 (uint16, SSL4EO-S12), Sentinel-1 backscatter in dB (float32), SeCo's uint8
+# GeoTIFFs (reflectance x 255, the quantiles of ServiceNow/seasonal-contrast
+# datasets/seco_dataset.py). A preset on data of another range saturates every pixel.
+PRESET_DTYPES = {"s2c": ("uint16", "float32"), "s2a": ("uint16", "float32"),
+                 "s1": ("float32",), "seco": ("uint8",)}
+
+
+def check_preset_dtype(stats, dtype: str | None, where: str,
+                       key: str = "config.data.stats") -> None:
+    """Raises when statistics preset `stats` was measured on another stored dtype."""
+    if not isinstance(stats, str) or stats not in PRESET_DTYPES or not dtype:
+        return
+    if dtype not in PRESET_DTYPES[stats]:
+        fits = sorted(k for k, v in PRESET_DTYPES.items() if dtype in v)
+        raise UserValueError(
+            f"{key}={stats!r} is for {' or '.join(PRESET_DTYPES[stats])} data, but {where} "
+            f"stores {dtype}: every pixel would saturate. Use {key}='dataset' (measured)"
+            + (f" or one of {fits}" if fits else "") + ".")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,9 +181,9 @@ def make_normalizer(method: str, stats: str | dict, bands: list[str],
     when the method or a band's statistics are unknown.
     """
     if method not in METHODS:
-        raise ValueError(f"data_config.normalization={method!r}: expected one of {METHODS}")
+        raise UserValueError(f"data_config.normalization={method!r}: expected one of {METHODS}")
     if quantize and method == "zscore":
-        raise ValueError("data_config.quantize_uint8=True needs a clipping normalisation "
+        raise UserValueError("data_config.quantize_uint8=True needs a clipping normalisation "
                          "('softcon' or 'seco_quantile'), not data_config.normalization="
                          "'zscore' (which has no [0, 255] range to quantise)")
     if isinstance(stats, dict):
@@ -170,13 +192,13 @@ def make_normalizer(method: str, stats: str | dict, bands: list[str],
             table = {b: {"lo": r["q_lo"], "hi": r["q_hi"], "mean": 0.0, "std": 1.0}
                      for b, r in table.items()}
     elif stats not in STATS:
-        raise ValueError(f"data_config.stats={stats!r}: expected one of "
+        raise UserValueError(f"data_config.stats={stats!r}: expected one of "
                          f"{sorted(STATS) + ['dataset']}")
     else:
         table = STATS[stats]
     missing = [b for b in bands if b not in table]
     if missing:
-        raise ValueError(
+        raise UserValueError(
             f"data_config.stats={stats!r} has no statistics for bands {missing} "
             f"(it covers {sorted(table)}); select bands with data_config.bands, or measure "
             f"them with data_config.stats='dataset'"
@@ -186,7 +208,7 @@ def make_normalizer(method: str, stats: str | dict, bands: list[str],
     zeros = np.zeros(len(bands), np.float32)
     if method == "seco_quantile":
         if any("lo" not in r for r in rows):
-            raise ValueError(f"data_config.stats={stats!r} has no quantiles (lo/hi) for "
+            raise UserValueError(f"data_config.stats={stats!r} has no quantiles (lo/hi) for "
                              f"data_config.normalization='seco_quantile'; use stats='seco'")
         lo = np.array([r["lo"] for r in rows], np.float32)
         hi = np.array([r["hi"] for r in rows], np.float32)
@@ -197,7 +219,7 @@ def make_normalizer(method: str, stats: str | dict, bands: list[str],
         return Normalizer(1 / (hi - lo), -lo / (hi - lo), True, 1 / std, -mean / std,
                           quantize=quantize, low=lo64, high=hi64)
     if any("lo" in r for r in rows):
-        raise ValueError(f"data_config.stats={stats!r} is for 'seco_quantile', "
+        raise UserValueError(f"data_config.stats={stats!r} is for 'seco_quantile', "
                          f"not data_config.normalization={method!r}")
     mean = np.array([r["mean"] for r in rows], np.float32)
     std = np.array([r["std"] for r in rows], np.float32)

@@ -26,6 +26,7 @@ from softcon_jax import defaults
 from softcon_jax.data import normalize, records
 from softcon_jax.data.views import VIEWS, Views, available_views, resolve_augment, view_dtype
 from softcon_jax.data.source import open_dataset
+from softcon_jax.cli import UserValueError
 
 default_config = defaults.data  # the data_config defaults (pure ml_collections)
 
@@ -36,14 +37,14 @@ def _select_bands(cfg: Any, meta: dict, meta_path: str) -> tuple[list[str], np.n
         wanted = [wanted] if isinstance(wanted, str) else list(wanted)
         missing = [b for b in wanted if b not in bands]
         if missing:
-            raise ValueError(
+            raise UserValueError(
                 f"data_config.bands: {missing} not in the bands {bands} of {meta_path}")
         index = np.array([bands.index(b) for b in wanted], np.intp)
         bands = wanted
     else:
         index = None
     if len(bands) != cfg.in_channels:
-        raise ValueError(
+        raise UserValueError(
             f"data_config.in_channels={cfg.in_channels} but the dataset has {len(bands)} "
             f"bands {bands} (from {meta_path}{' and data_config.bands' if wanted else ''})")
     return bands, index
@@ -73,6 +74,7 @@ def make_normalizer(data_config: Any, meta: dict, meta_path: str) -> normalize.N
     """
     bands, index = _select_bands(data_config, meta, meta_path)
     stats = data_config.stats
+    normalize.check_preset_dtype(stats, meta.get("dtype"), meta_path)
     if stats == "dataset":
         stats = _measured_stats(data_config, meta, bands, index)
     return normalize.make_normalizer(data_config.normalization, stats, bands,
@@ -90,9 +92,16 @@ def build_views_transform(data_config: Any, meta: dict, meta_path: str,
     """
     name = views or data_config.get("views")
     if not name:
-        raise ValueError("data_config.views is not set: name the view builder (one of "
+        raise UserValueError("data_config.views is not set: name the view builder (one of "
                          f"{available_views()}); the trainer uses config.method.")
     cls = VIEWS.get(name)
+    stored = meta.get("image_size")
+    if stored and int(data_config.image_size) > int(stored) and not data_config.get(
+            "allow_upsample", False):
+        raise UserValueError(
+            f"config.data.image_size={data_config.image_size} is larger than the stored "
+            f"images ({stored} px, {meta_path}): every view would be upsampled. Lower "
+            "config.data.image_size, or set config.data.allow_upsample=True.")
     bands, index = _select_bands(data_config, meta, meta_path)
     norm = make_normalizer(data_config, meta, meta_path)
     params = resolve_augment(cls, data_config.get("augment"), bands)
@@ -119,15 +128,15 @@ def build_dataset(data_config: Any, *, global_batch_size: int, seed: int,
     the main module); absl flags are marked parsed here if nobody parsed them.
     """
     if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+        raise UserValueError(f"global_batch_size={global_batch_size} is not divisible by "
                          f"process_count={process_count}")
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+        raise UserValueError(f"process_index={process_index} not in [0, {process_count})")
     dataset = open_dataset(data_config.path)
     meta, meta_path, source = dataset.meta, dataset.meta_path, dataset.source
     transform = build_views_transform(data_config, meta, meta_path, dtype, views)
     if len(source) < process_count:
-        raise ValueError(f"{meta_path}: {len(source)} records for {process_count} processes")
+        raise UserValueError(f"{meta_path}: {len(source)} records for {process_count} processes")
     per_host = global_batch_size // process_count
 
     ds = grain.MapDataset.source(source)

@@ -15,6 +15,7 @@ import numpy as np
 
 from softcon_jax.data import augment, normalize, records
 from softcon_jax.registry import Registry
+from softcon_jax.cli import UserValueError
 
 VIEWS: Registry[type] = Registry("view builder", "config.data.views",
                                  providers=("softcon_jax.methods",))
@@ -46,7 +47,7 @@ def view_dtype(name: str | None, key: str = "data_config.dtype") -> np.dtype:
     """numpy dtype of the views (bfloat16 from ml_dtypes); None means float32."""
     name = name or "float32"
     if name not in VIEW_DTYPES:
-        raise ValueError(f"{key}={name!r}: expected one of {VIEW_DTYPES}")
+        raise UserValueError(f"{key}={name!r}: expected one of {VIEW_DTYPES}")
     if name == "bfloat16":
         import ml_dtypes  # a jax dependency
         return np.dtype(ml_dtypes.bfloat16)
@@ -77,7 +78,7 @@ def resolve_augment(views: str | type, overrides: Any,
         if value is None:
             continue
         if not hasattr(base, key):
-            raise ValueError(f"data_config.augment.{key} is not an augmentation option "
+            raise UserValueError(f"data_config.augment.{key} is not an augmentation option "
                              f"(known: {sorted(augment.AugmentParams.__dataclass_fields__)})")
         if key in ("crop_scale", "crop_ratio", "blur_sigma", "blur_prob", "luma_weights"):
             value = tuple(float(v) for v in np.atleast_1d(value))
@@ -86,7 +87,7 @@ def resolve_augment(views: str | type, overrides: Any,
     if rgb is None:
         rgb = base.rgb if bands is None else tuple(bands) == RGB_BANDS
     elif rgb and bands is not None and len(bands) != 3:
-        raise ValueError(f"data_config.augment.rgb=True needs 3 bands (R, G, B), got "
+        raise UserValueError(f"data_config.augment.rgb=True needs 3 bands (R, G, B), got "
                          f"{len(bands)}: {list(bands)}")
     if not rgb and "hue" not in values:
         values["hue"] = 0.0
@@ -120,7 +121,7 @@ class Views(grain.transforms.RandomMap):
         self.params = params
         self.season_sampling = season_sampling or self.default_season_sampling
         if self.season_sampling not in SEASON_SAMPLINGS:
-            raise ValueError(f"data_config.season_sampling={self.season_sampling!r}: "
+            raise UserValueError(f"data_config.season_sampling={self.season_sampling!r}: "
                              f"expected one of {SEASON_SAMPLINGS}")
 
     def _seasons(self, rng: np.random.Generator, t: int, k: int) -> list[int]:

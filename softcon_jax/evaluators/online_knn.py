@@ -47,6 +47,7 @@ from softcon_jax import sharding as sharding_lib
 from softcon_jax.data import augment, records
 from softcon_jax.data.source import ensure_synthetic_data
 from softcon_jax.evaluators.knn import knn_scores
+from softcon_jax.cli import UserValueError
 from softcon_jax.evaluators.metrics import mean_average_precision
 
 
@@ -103,7 +104,7 @@ class OnlineKNN:
         self.features_fn, self.variables = features_fn, variables_fn
         self.k = int(cfg.knn_k)
         if self.k < 1:
-            raise ValueError(f"config.eval.knn_k={self.k}; expected >= 1.")
+            raise UserValueError(f"config.eval.knn_k={self.k}; expected >= 1.")
         self._maybe_write_synthetic(cfg)
         t0 = time.perf_counter()
         images, self.bank_labels, self.val_labels = self._load(config, cfg)
@@ -124,7 +125,7 @@ class OnlineKNN:
         ensure_synthetic_data(ml_collections.ConfigDict(
             {"path": cfg.data_path,
              "synthetic": spec if isinstance(spec, ml_collections.ConfigDict)
-             else ml_collections.ConfigDict(dict(spec))}))
+             else ml_collections.ConfigDict(dict(spec))}), key="config.eval.synthetic")
 
     def _load(self, config, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Preprocessed images (N, S, S, C) in bank-then-query order, and their labels."""
@@ -138,7 +139,7 @@ class OnlineKNN:
         meta, meta_path = held_out.meta, held_out.meta_path
         missing = [b for b in bands if b not in meta["bands"]]
         if missing:
-            raise ValueError(f"config.eval.data_path={cfg.data_path!r}: bands {missing} of "
+            raise UserValueError(f"config.eval.data_path={cfg.data_path!r}: bands {missing} of "
                              f"the training data are not in {meta_path} ({meta['bands']}).")
         index = np.array([meta["bands"].index(b) for b in bands], np.intp)
 
@@ -147,7 +148,7 @@ class OnlineKNN:
         n_train = int(cfg.num_train)
         if len(samples) < want:
             if len(samples) < 2:
-                raise ValueError(f"config.eval.data_path={cfg.data_path!r}: "
+                raise UserValueError(f"config.eval.data_path={cfg.data_path!r}: "
                                  f"{len(samples)} labelled locations; need at least 2.")
             n_train = len(samples) - max(1, len(samples) // 5)
             logging.warning("Online kNN: %s has %d labelled locations, fewer than "

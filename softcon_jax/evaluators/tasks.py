@@ -18,6 +18,7 @@ from softcon_jax.evaluators.metrics import mean_average_precision, top1_accuracy
 from softcon_jax.evaluators.tfds_datasets import (DATASETS, EvalOptions, FeatureExtractor,
                                                   Split, extract_split)
 from softcon_jax.registry import Registry
+from softcon_jax.cli import UserValueError
 
 # `fn(backbone, options) -> result dict` by `--task` name.
 TASKS: Registry[Callable[[Backbone, EvalOptions], dict]] = Registry("evaluation task", "--task")
@@ -36,7 +37,7 @@ def _train_test(dataset: str, task: str, backbone: Backbone,
     if fraction is None:
         fraction = DEFAULT_TRAIN_FRACTION.get(task, 1.0)
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"--train-fraction={fraction}: expected a value in (0, 1].")
+        raise UserValueError(f"--train-fraction={fraction}: expected a value in (0, 1].")
     train_split = opts.train_split or spec.train_split
     test_split = opts.test_split or spec.test_split
     extractor = FeatureExtractor(backbone, opts.batch_size)

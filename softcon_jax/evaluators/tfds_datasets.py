@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from softcon_jax.data import augment
 from softcon_jax.evaluators.backbone import Backbone, canonical_band, model_input
+from softcon_jax.cli import UserValueError
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def _upsample_batch(x: np.ndarray, size: int) -> np.ndarray:
 def _ben19_matrix(names: list[str]) -> np.ndarray:
     unknown = sorted(set(BEN43_TO_19) - set(names))
     if unknown:
-        raise ValueError(f"bigearthnet: TFDS label names lack {unknown}; cannot map to the "
+        raise UserValueError(f"bigearthnet: TFDS label names lack {unknown}; cannot map to the "
                          "19-class nomenclature (use --label-set 43).")
     m = np.zeros((len(names), len(BEN19_CLASSES)), np.float32)
     for i, n in enumerate(names):
@@ -191,7 +192,7 @@ class FeatureExtractor:
 
     def __init__(self, backbone: Backbone, batch_size: int):
         if backbone.features_fn is None:
-            raise ValueError("Backbone.features_fn is None; build the Backbone with "
+            raise UserValueError("Backbone.features_fn is None; build the Backbone with "
                              "softcon_jax.pretrained (or pass a feature function).")
         devices = jax.local_devices()
         self.mesh = Mesh(np.array(devices), ("batch",))
@@ -262,7 +263,7 @@ def extract_split(spec: DatasetSpec, split: str, backbone: Backbone, opts: EvalO
         n = min(n, opts.max_examples) if n >= 0 else opts.max_examples
     if fraction < 1.0:
         if n < 0:
-            raise ValueError(f"{spec.name} {split}: unknown size; cannot subsample "
+            raise UserValueError(f"{spec.name} {split}: unknown size; cannot subsample "
                              f"--train-fraction={fraction}.")
         mask = _subsample_mask(n, fraction, opts.seed)
         keep = tf.constant(mask)
@@ -288,6 +289,6 @@ def extract_split(spec: DatasetSpec, split: str, backbone: Backbone, opts: EvalO
         feats.append(extractor(model_input(bands, backbone, spec.name)))  # async dispatch
         targets.append(target)
     if not feats:
-        raise ValueError(f"{spec.name} split {split!r} is empty.")
+        raise UserValueError(f"{spec.name} split {split!r} is empty.")
     return Split(np.concatenate([np.asarray(f, np.float32) for f in feats]),
                  np.concatenate(targets), out_classes)

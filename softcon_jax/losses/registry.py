@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any, Callable
 
 from softcon_jax.registry import Registry, UnknownNameError
+from softcon_jax.cli import UserValueError
 
 __all__ = ["LOSSES", "register", "get", "available", "call", "check_options",
            "UnknownLossError"]
@@ -71,12 +72,12 @@ def check_options(fn: Callable[..., Any] | str, options: Mapping[str, Any] | Non
     accepted = sorted(names - set(framework) - set(positional))
     for option in options or {}:
         if option in framework:
-            raise ValueError(f"{key}.{option}: set by the framework, not an option of loss "
+            raise UserValueError(f"{key}.{option}: set by the framework, not an option of loss "
                              f"{_describe(fn)}; options it accepts: "
                              f"{', '.join(accepted) or 'none'}.")
         if not var_kw and option not in names:
             hint = close_match(option, accepted)
-            raise ValueError(f"{key}.{option}: loss {_describe(fn)} has no option "
+            raise UserValueError(f"{key}.{option}: loss {_describe(fn)} has no option "
                              f"{option!r}.{f' Did you mean {hint!r}?' if hint else ''} "
                              f"Options it accepts: {', '.join(accepted) or 'none'}.")
 

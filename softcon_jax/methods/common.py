@@ -12,6 +12,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from softcon_jax import losses
 from softcon_jax.registry import Registry
 from softcon_jax.sharding import BATCH_AXES
+from softcon_jax.cli import UserValueError
 
 # Method classes by `config.method`; each method module registers its class.
 METHODS: Registry[type] = Registry("method", "config.method")
@@ -38,7 +39,7 @@ class Encoder(nn.Module):
 def compute_dtype(config):
     names = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if config.model.dtype not in names:
-        raise ValueError(f"config.model.dtype={config.model.dtype!r}; expected one of "
+        raise UserValueError(f"config.model.dtype={config.model.dtype!r}; expected one of "
                          f"{sorted(names)}.")
     return names[config.model.dtype]
 
@@ -50,7 +51,7 @@ def bn_groups(config, mesh: Mesh) -> int:
         return 1
     if mode == "per_device":
         return int(jnp.prod(jnp.array([mesh.shape[a] for a in BATCH_AXES])))
-    raise ValueError(f"config.model.batch_norm={mode!r}; expected 'sync' or 'per_device'.")
+    raise UserValueError(f"config.model.batch_norm={mode!r}; expected 'sync' or 'per_device'.")
 
 
 def gathered_loss(loss_fn: Callable, mesh: Mesh, q, k, *, q_axis: int = 0, k_axis: int = 0,
@@ -110,7 +111,7 @@ def backbone_variables(params, model_state, ema_key: str, which: str):
     elif which == "student":
         src_params, src_stats = params, model_state.get("batch_stats", {})
     else:
-        raise ValueError(f"which={which!r}; expected 'teacher' or 'student'.")
+        raise UserValueError(f"which={which!r}; expected 'teacher' or 'student'.")
     variables = {"params": src_params["backbone"]}
     if "backbone" in src_stats:
         variables["batch_stats"] = src_stats["backbone"]

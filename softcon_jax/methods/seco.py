@@ -20,6 +20,7 @@ from softcon_jax.data import augment
 from softcon_jax.data.views import Views, register_views
 from softcon_jax.methods import common
 from softcon_jax.optim import teacher_momentum
+from softcon_jax.cli import UserValueError
 
 KEY_VIEWS = ("k0", "k1", "k2")
 
@@ -105,7 +106,7 @@ class SeCo:
         self.loss_fn = losses.get(config.loss.name)
         self.queue_size = int(config.loss.get("queue_size", 0))
         if self.queue_size and self.queue_size % config.global_batch_size:
-            raise ValueError(f"config.loss.queue_size={self.queue_size} must be a multiple of "
+            raise UserValueError(f"config.loss.queue_size={self.queue_size} must be a multiple of "
                              f"config.global_batch_size={config.global_batch_size} (FIFO "
                              "enqueue of whole batches, as in MoCo).")
 

@@ -18,6 +18,7 @@ from softcon_jax.data import augment
 from softcon_jax.data.views import NUM_CLASSES, Views, register_views
 from softcon_jax.methods import common
 from softcon_jax.optim import teacher_momentum
+from softcon_jax.cli import UserValueError
 
 
 @register_views("softcon")
@@ -84,7 +85,7 @@ class SoftCon:
         self.loss_fn = losses.get(config.loss.name)
         self.mask_ratio = float(m.get("mask_ratio", 0.0))
         if self.mask_ratio and not hasattr(self.backbone, "num_patches"):
-            raise ValueError(f"config.model.mask_ratio={self.mask_ratio} needs a ViT backbone; "
+            raise UserValueError(f"config.model.mask_ratio={self.mask_ratio} needs a ViT backbone; "
                              f"{m.backbone!r} has no patch tokens.")
 
     views = SoftConViews  # the batch contract: what the data pipeline yields per sample

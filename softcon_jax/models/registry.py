@@ -19,6 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from softcon_jax.registry import Registry
+from softcon_jax.cli import UserValueError
 
 
 class TorchLayout:
@@ -50,7 +51,7 @@ class TorchLayout:
 
     def check_export(self, model: Any, format: str) -> None:
         if format not in self.formats:
-            raise ValueError(f"export format {format!r} is not available for {model.arch}; "
+            raise UserValueError(f"export format {format!r} is not available for {model.arch}; "
                              f"available: {', '.join(self.formats)}.")
 
     def export_extras(self, model: Any, format: str, state_dict: dict, sidecar: dict) -> None:
@@ -114,12 +115,12 @@ def build_backbone(name: str, *, in_channels: int, dtype: Any = jnp.float32,
     spec = BACKBONES.get(name)
     unknown = sorted(set(kwargs) - spec.fields)
     if unknown:
-        raise ValueError(f"build_backbone({name!r}): unknown argument(s) {unknown} "
+        raise UserValueError(f"build_backbone({name!r}): unknown argument(s) {unknown} "
                          f"(config.model.backbone_kwargs); accepted: {sorted(spec.fields)}.")
     fields = {**spec.defaults, **kwargs}
     # Sequences must be tuples: modules are hashed and compared as jit static arguments.
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     if in_channels < 1:
-        raise ValueError(f"build_backbone({name!r}): in_channels must be >= 1, got {in_channels}.")
+        raise UserValueError(f"build_backbone({name!r}): in_channels must be >= 1, got {in_channels}.")
     return spec.module(arch=name, in_channels=int(in_channels), dtype=dtype,
                        bn_groups=int(bn_groups), **fields)
