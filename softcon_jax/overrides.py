@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from collections.abc import Mapping
 from typing import Any
 
 from softcon_jax.cli import UsageError
@@ -43,13 +42,14 @@ def load_config(spec: str) -> Any:
     return module.get_config(arg) if arg else module.get_config()
 
 
-def check_keys(config: Mapping, keys: list[str]) -> None:
+def check_keys(config: Any, keys: list[str]) -> None:
     """Raises UsageError for the first dotted key that is not in `config`."""
     for dotted in keys:
         node, where = config, "config"
         for part in dotted.split("."):
-            if not isinstance(node, Mapping) or part not in node:
-                if not isinstance(node, Mapping):
+            group = hasattr(node, "keys") and hasattr(node, "__getitem__")  # ConfigDict, dict
+            if not group or part not in node:
+                if not group:
                     raise UsageError(f"--config.{dotted}: {where} is a value, not a group of "
                                      "keys.")
                 names = sorted(node.keys())

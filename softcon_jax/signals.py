@@ -33,7 +33,8 @@ class StopSignals:
         if signum == signal.SIGINT and self.reason == "Ctrl-C":
             raise KeyboardInterrupt  # second Ctrl-C: stop now
         self.reason = "preemption" if signum == signal.SIGTERM else "Ctrl-C"
-        logging.warning("%s received: saving a checkpoint and exiting%s.", self.reason,
+        logging.warning("%s received: saving a checkpoint and exiting%s.",
+                        "SIGTERM" if signum == signal.SIGTERM else "SIGINT (Ctrl-C)",
                         " (press Ctrl-C again to stop at once)" if signum == signal.SIGINT
                         else "")
 
