@@ -34,6 +34,10 @@ def close_match(name: str, candidates: Iterable[str]) -> str | None:
     if found:
         return found[0]
     lowered = name.lower()
+    name_initials = "".join(part[:1] for part in lowered.split("_"))
+    for c in candidates:
+        if len(name_initials) > 1 and c.lower() == name_initials:  # 'learning_rate' -> 'lr'
+            return c
     for c in candidates:  # 'lr' for 'learning_rate', 'vit_small' for a longer name
         if lowered and (lowered in c.lower() or c.lower() in lowered):
             return c
