@@ -69,7 +69,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.predictor = ml_collections.ConfigDict(dict(
         hidden_dim=4096, out_dim=256, num_layers=2, last_bn=vit))
 
-    c.init = ml_collections.ConfigDict(dict(weights="", first_layer="reinit"))
+    # pos_embed_interpolation: 'timm' (what timm and torchgeo load) or 'dinov2' (DINOv2's
+    # own interpolate_pos_encoding, interpolate_offset=0.1) for a DINOv2 file at 224 px.
+    c.init = ml_collections.ConfigDict(dict(weights="", first_layer="reinit",
+                                            pos_embed_interpolation="timm"))
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "infonce" if a.baseline else "soft_contrastive"

@@ -55,6 +55,7 @@ def load_pretrained_backbone(config, method, state, state_shardings):
     _, variables = interop.import_torch(
         config.init.weights, config.model.backbone, config.data.in_channels,
         first_layer=config.init.get("first_layer", "reinit"), img_size=img_size,
+        pos_embed_interpolation=config.init.get("pos_embed_interpolation", "timm"),
         seed=config.seed, **kwargs)
     params, model_state = method.with_backbone(state.params, state.model_state, variables)
     # Optimizer state is zeros for every optimizer here, so it stays valid.

@@ -100,7 +100,9 @@ def validate(config, mesh):
     losses.check_options(config.loss.name, config.loss.get("kwargs"),
                          framework=("temperature", "num_chunks", "row_offset"))
     data.input_dtype(config)  # config.data.dtype
-    data.VIEWS.get(data.views_name(config))  # config.data.views (default: the method's)
+    methods.get(config.method)  # config.method
+    if config.data.get("views"):
+        data.VIEWS.get(config.data.views)  # config.data.views (default: the method's own)
     if config.nonfinite not in ("stop", "skip"):
         raise UserValueError(f"config.nonfinite={config.nonfinite!r}; expected 'stop' or 'skip'.")
     if config.global_batch_size % jax.process_count():
@@ -120,13 +122,14 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
 
     # --- data -----------------------------------------------------------------------------
     ensure_synthetic_data(config.data)
-    # Views leave the host in the model's compute dtype (unless config.data.dtype says
-    # otherwise): the first layer casts to it anyway, and bf16 halves the bytes to copy.
+    # Views leave the host in the model's compute dtype unless config.data.dtype says
+    # otherwise (data.input_dtype).
+    # The method's own views (its batch contract), unless config.data.views names others.
+    views = config.data.get("views") or methods.get(config.method).views
     dataset = data.build_dataset(config.data, global_batch_size=config.global_batch_size,
                                  seed=config.seed, process_index=jax.process_index(),
                                  process_count=jax.process_count(),
-                                 dtype=data.input_dtype(config).name,
-                                 views=data.views_name(config))
+                                 dtype=data.input_dtype(config).name, views=views)
     data_iter = iter(dataset)
 
     # --- model and optimizer --------------------------------------------------------------

@@ -23,12 +23,11 @@ from softcon_jax.data.views import (
     input_dtype,
     register_views,
     view_dtype,
-    views_name,
 )
 
 __all__ = [
     "augment", "normalize", "records", "views", "available_views", "build_dataset",
     "build_views_transform", "default_config", "input_dtype", "load_metadata",
-    "make_normalizer", "register_views", "view_dtype", "views_name", "VIEWS", "Views",
+    "make_normalizer", "register_views", "view_dtype", "VIEWS", "Views",
     "DevicePrefetcher", "Dataset", "open_dataset",
 ]

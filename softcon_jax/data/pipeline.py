@@ -82,11 +82,11 @@ def make_normalizer(data_config: Any, meta: dict, meta_path: str) -> normalize.N
 
 
 def build_views_transform(data_config: Any, meta: dict, meta_path: str,
-                          dtype: str | None = None, views: str | None = None) -> Views:
+                          dtype: str | None = None, views: str | type | None = None) -> Views:
     """The per-sample RandomMap (decode + views) described by ``data_config``.
 
-    ``views`` (default ``data_config.views``) names the view builder; the trainer passes
-    its method's (`views.views_name`). Views are produced in ``dtype`` (default
+    ``views`` (default ``data_config.views``) is a registered view builder's name or a
+    `Views` subclass; the trainer passes its method's (`method.views`). Views are produced in ``dtype`` (default
     ``data_config.dtype``, else float32): the augmentations run in float32, the cast is
     their last pass.
     """
@@ -94,7 +94,7 @@ def build_views_transform(data_config: Any, meta: dict, meta_path: str,
     if not name:
         raise UserValueError("data_config.views is not set: name the view builder (one of "
                          f"{available_views()}); the trainer uses config.method.")
-    cls = VIEWS.get(name)
+    cls = VIEWS.get(name) if isinstance(name, str) else name
     stored = meta.get("image_size")
     if stored and int(data_config.image_size) > int(stored) and not data_config.get(
             "allow_upsample", False):
@@ -114,7 +114,8 @@ def build_views_transform(data_config: Any, meta: dict, meta_path: str,
 
 def build_dataset(data_config: Any, *, global_batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1,
-                  dtype: str | None = None, views: str | None = None) -> grain.IterDataset:
+                  dtype: str | None = None,
+                  views: str | type | None = None) -> grain.IterDataset:
     """Infinite ``grain.IterDataset`` of host-local batches (dicts of numpy).
 
     Image views are ``dtype`` (float32, bfloat16, float16; default ``data_config.dtype``,

@@ -2,8 +2,9 @@
 
 A method owns its batch contract: its `Views` subclass (in `softcon_jax/methods/`) says
 which seasons it reads, which views it makes, its reference augmentation defaults and its
-element spec. `config.data.views` defaults to the method (`views_name`). The registry
-imports `softcon_jax.methods` on a miss, so data-only tools find the built-in views.
+element spec. The trainer uses the method's `views` class unless `config.data.views` names
+another registered one. The registry imports `softcon_jax.methods` on its first lookup, so
+data-only tools find the built-in views ('softcon', 'seco') by name.
 """
 
 from __future__ import annotations
@@ -33,11 +34,6 @@ def register_views(name: str):
 def available_views() -> list[str]:
     """Sorted names of the registered view builders."""
     return VIEWS.names()
-
-
-def views_name(config: Any) -> str:
-    """`config.data.views`, or the method's own views (`config.method`) when unset."""
-    return config.data.get("views") or config.method
 
 
 VIEW_DTYPES = ("float32", "bfloat16", "float16")
