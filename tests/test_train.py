@@ -129,7 +129,7 @@ def test_bfloat16_batch_gives_the_same_step_as_float32_for_a_bfloat16_model():
 
 
 def test_loop_syncs_with_the_devices_only_at_log_and_checkpoint_steps(tmp_path, monkeypatch):
-    # Issue 9: no device-to-host synchronisation inside the loop except at logging steps
+    # No device-to-host synchronisation inside the loop except at logging steps
     # (and checkpoint steps, and the first step, which reports the compile time).
     import threading
 

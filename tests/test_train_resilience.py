@@ -1,4 +1,4 @@
-"""Issue 6 resilience: exact resume, crash during a save, multi-process, no recompiles.
+"""Resilience: exact resume, crash during a save, multi-process, no recompiles.
 
 Every run here is the real training CLI in a subprocess (`python -m softcon_jax.train`), or
 `_DRIVER` below: the same CLI with a test hook (send SIGTERM to itself at a step, stall the
