@@ -110,8 +110,14 @@ def _smooth_fields(rng: np.random.Generator, n: int, size: int, cells: int) -> n
 
 
 def make_example(index: int, *, seed: int, image_size: int, timesteps: int, modality: str,
-                 label_threshold: float, unlabelled_prob: float) -> dict:
-    """The record of synthetic location ``index`` (deterministic)."""
+                 label_threshold: float, unlabelled_prob: float,
+                 with_targets: bool = False) -> dict:
+    """The record of synthetic location ``index`` (deterministic).
+
+    ``with_targets`` adds the generator's hidden variables, which the records do not store
+    (for evaluation): ``cover`` (T, 9) float32, the per-class area fractions the labels
+    threshold, and ``cold`` (bool), whether the location has a snowy winter.
+    """
     rng = np.random.default_rng([seed, index])
     s = image_size
     mixture = rng.dirichlet(_CLASS_PRIOR * 0.6)
@@ -131,6 +137,7 @@ def make_example(index: int, *, seed: int, image_size: int, timesteps: int, moda
     images = np.empty((timesteps, c, s, s), np.float32)
     labels = np.zeros((timesteps, NUM_CLASSES), np.uint8)
     has_label = np.zeros(timesteps, bool)
+    covers = np.zeros((timesteps, NUM_CLASSES), np.float32)
     for t in range(timesteps):
         season = int(round(t * 4 / timesteps)) % 4
         logits = logits0 + 0.4 * _smooth_fields(rng, NUM_CLASSES, s, cells=max(2, s // 16))
@@ -163,6 +170,7 @@ def make_example(index: int, *, seed: int, image_size: int, timesteps: int, moda
 
         hard = np.argmax(logits, axis=0)
         cover = np.bincount(hard.ravel(), minlength=NUM_CLASSES) / hard.size
+        covers[t] = cover
         if rng.random() >= unlabelled_prob:
             has_label[t] = True
             labels[t] = cover > label_threshold
@@ -173,13 +181,16 @@ def make_example(index: int, *, seed: int, image_size: int, timesteps: int, moda
         image = np.clip(np.rint(images * (255.0 / 10000.0)), 0, 255).astype(np.uint8)
     else:
         image = np.clip(np.rint(images), 0, 65535).astype(np.uint16)
-    return {
+    out = {
         "image": image,
         "labels": labels,
         "has_label": has_label,
         "seasons": season_names(index, timesteps, seed),
         "location": f"{index:07d}",
     }
+    if with_targets:
+        out["targets"] = {"cover": covers, "cold": bool(cold)}
+    return out
 
 
 def write_dataset(

@@ -16,8 +16,11 @@ WORKDIR="${WORKDIR:-runs/quickstart}"
 # The flag only affects the CPU platform, so it is harmless on GPU/TPU hosts.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 
+mkdir -p "$WORKDIR"
+# The trainer logs to stderr; keep a copy to repeat its online-kNN verdict at the end.
 .venv/bin/python -m softcon_jax.train --config configs/quickstart.py --workdir "$WORKDIR" \
-  --config.data.path="$WORKDIR/data" --config.eval.data_path="$WORKDIR/eval_data" "$@"
+  --config.data.path="$WORKDIR/data" --config.eval.data_path="$WORKDIR/eval_data" "$@" \
+  2> >(tee "$WORKDIR/train.log" >&2)
 .venv/bin/python -m softcon_jax.export --workdir "$WORKDIR" \
   --out "$WORKDIR/export/backbone.safetensors" --format timm
 
@@ -28,5 +31,8 @@ Done. Outputs in $WORKDIR/:
   checkpoints/   Orbax checkpoints (train state, data iterator, config)
   tensorboard/   TensorBoard event files   (tensorboard --logdir $WORKDIR/tensorboard)
   export/        backbone.safetensors + backbone.safetensors.json (timm layout)
+  train.log      the trainer's console output
 Load it in PyTorch:  see README.md, "Using the export in PyTorch".
 MSG
+# Last line: did pretraining improve the representation (online kNN, first vs last)?
+grep -o "Online kNN mAP (macro) .*" "$WORKDIR/train.log" | tail -n 1 || true

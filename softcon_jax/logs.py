@@ -52,11 +52,14 @@ class MetricWriter:
 class Progress:
     """Console line: step, loss, images/s, ETA (process 0 only)."""
 
+    EVAL_KEY = "eval/knn_map_macro"
+
     def __init__(self, total_steps: int, global_batch_size: int, first_step: int):
         self.total, self.batch = total_steps, global_batch_size
         self._last_time, self._last_step = time.perf_counter(), first_step
         self.first_loss = self.last_loss = None
         self._paused = 0.0
+        self.evals: list[tuple[int, float]] = []  # (step, online kNN macro mAP)
 
     @contextlib.contextmanager
     def paused(self):
@@ -87,12 +90,24 @@ class Progress:
 
 
     def report_eval(self, step: int, scalars: dict):
-        """Console line of an online evaluation (process 0 only)."""
+        """Console line of an online evaluation (process 0 only); remembers the kNN mAP."""
+        if (score := scalars.get(self.EVAL_KEY)) is not None:
+            self.evals.append((step, float(score)))
         if jax.process_index() != 0:
             return
         shown = " | ".join(f"{k.split('/')[-1]} {float(v):.4f}" for k, v in scalars.items()
                            if not k.endswith("_time_s"))
         logging.info("step %d/%d | eval: %s", step, self.total, shown)
+
+
+    def eval_summary(self) -> str | None:
+        """Whether the online kNN score rose from its first to its last evaluation."""
+        if len(self.evals) < 2:
+            return None
+        (s0, v0), (s1, v1) = self.evals[0], self.evals[-1]
+        verdict = "rose" if v1 > v0 else "did not rise"
+        return (f"Online kNN mAP (macro) {verdict}: {v0:.3f} at step {s0} -> {v1:.3f} at "
+                f"step {s1} ({v1 - v0:+.3f}).")
 
 
 def _format_seconds(seconds: float) -> str:

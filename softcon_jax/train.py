@@ -208,6 +208,11 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
         last_good = step
 
     try:
+        if start == 0:  # the step-0 score: what pretraining starts from (a random backbone)
+            with progress.paused():
+                if scalars := monitor.maybe_run(0, state):
+                    writer.write_scalars(0, scalars)
+                    progress.report_eval(0, scalars)
         step, window = start, []  # window: metrics since the last log line, averaged there
         t_compile = time.perf_counter()
         while step < config.total_steps:
@@ -249,6 +254,8 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
         if progress.first_loss is not None:
             logging.info("Finished at step %d: loss %.4f (first logged: %.4f).", step,
                          progress.last_loss, progress.first_loss)
+        if summary := progress.eval_summary():
+            logging.info("%s", summary)
         return state
     finally:
         guard.close()

@@ -51,3 +51,27 @@ def test_dispatch_smoke():
             for line in proc.stdout.splitlines() if line.startswith("| ") and "leaves" not in line]
     assert [r[0] for r in rows] == ["1", "10"]
     assert all(float(r[1]) > 0 for r in rows) and rows[0][3] == "1.0x"
+
+
+def test_method_efficacy_smoke(tmp_path):
+    # Every arm family end to end: pretraining, held-out kNN / linear / regression /
+    # cross-season metrics, the JSON, the table and the plot.
+    import json
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "method_efficacy.py"), "--smoke",
+         "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=900,
+        cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "efficacy.json").read_text())
+    assert set(results["arms"]) == {"random", "soft_ce", "seco_random", "seco"}
+    metrics = {"knn_map_macro", "knn_map_micro", "linear_map_macro", "linear_map_micro",
+               "area_r2", "xseason_top1"}
+    for arm, r in results["arms"].items():
+        assert set(r["mean_std"]) == metrics, arm
+        assert all(0.0 < r["mean_std"][m][0] <= 1.0 for m in metrics - {"area_r2"}), arm
+    table = (tmp_path / "efficacy.md").read_text()
+    assert "| soft_ce |" in table and "| seco |" in table
+    assert (tmp_path / "efficacy_knn.png").stat().st_size > 1000
