@@ -77,6 +77,17 @@ def resample_grid(grid: np.ndarray, new_hw: tuple[int, int], antialias: bool = T
     return np.einsum("ih,hwd,jw->ijd", wh, grid.astype(np.float64), ww)
 
 
+def _square_side(pos_embed: np.ndarray, num_prefix_tokens: int) -> int:
+    """Side of the square patch grid of a (1, P + side^2, D) position embedding."""
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
+        raise ValueError(f"pos_embed must be (1, tokens, dim), got {pos_embed.shape}.")
+    n = pos_embed.shape[1] - num_prefix_tokens
+    side = int(round(math.sqrt(n)))
+    if side * side != n:
+        raise ValueError(f"pos_embed has {n} patch tokens, not a square grid; cannot resample.")
+    return side
+
+
 def resample_pos_embed(pos_embed: np.ndarray, new_grid: tuple[int, int], *,
                        num_prefix_tokens: int = 1, antialias: bool = True) -> np.ndarray:
     """timm `resample_abs_pos_embed` for a square source grid: (1, P + h*w, D) -> new grid.
@@ -84,12 +95,7 @@ def resample_pos_embed(pos_embed: np.ndarray, new_grid: tuple[int, int], *,
     The prefix (CLS) tokens are kept as they are; the patch part is resized bicubically.
     Returns float32.
     """
-    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
-        raise ValueError(f"pos_embed must be (1, tokens, dim), got {pos_embed.shape}.")
-    n = pos_embed.shape[1] - num_prefix_tokens
-    side = int(round(math.sqrt(n)))
-    if side * side != n:
-        raise ValueError(f"pos_embed has {n} patch tokens, not a square grid; cannot resample.")
+    side = _square_side(pos_embed, num_prefix_tokens)
     prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[0, num_prefix_tokens:]
     if (side, side) == tuple(new_grid):
         return pos_embed.astype(np.float32)
@@ -112,12 +118,7 @@ def dinov2_interpolate_pos_embed(pos_embed: np.ndarray, new_grid: tuple[int, int
     With `interpolate_offset=0` it is an exact-size resize, as DINOv2 does then.
     Returns float32.
     """
-    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
-        raise ValueError(f"pos_embed must be (1, tokens, dim), got {pos_embed.shape}.")
-    n = pos_embed.shape[1] - num_prefix_tokens
-    m = int(round(math.sqrt(n)))
-    if m * m != n:
-        raise ValueError(f"pos_embed has {n} patch tokens, not a square grid; cannot resample.")
+    m = _square_side(pos_embed, num_prefix_tokens)
     new_grid = tuple(int(g) for g in new_grid)
     if new_grid == (m, m):
         return pos_embed.astype(np.float32)  # DINOv2 returns its embedding unchanged
