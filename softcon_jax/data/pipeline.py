@@ -82,7 +82,8 @@ def make_normalizer(data_config: Any, meta: dict, meta_path: str) -> normalize.N
 
 
 def build_views_transform(data_config: Any, meta: dict, meta_path: str,
-                          dtype: str | None = None, views: str | type | None = None) -> Views:
+                          dtype: str | None = None, views: str | type | None = None,
+                          augment_on: str | None = None) -> Views:
     """The per-sample RandomMap (decode + views) described by ``data_config``.
 
     ``views`` (default ``data_config.views``) is a registered view builder's name or a
@@ -108,7 +109,31 @@ def build_views_transform(data_config: Any, meta: dict, meta_path: str,
     return cls(size=int(data_config.image_size), band_index=index,
                          normalizer=norm, params=params,
                          dtype=view_dtype(dtype or data_config.get("dtype")),
-                         season_sampling=data_config.get("season_sampling"))
+                         season_sampling=data_config.get("season_sampling"),
+                         augment_on=augment_on or data_config.get("augment_on") or "host")
+
+
+def build_device_views(data_config: Any, dtype: str | None = None,
+                       views: str | type | None = None):
+    """The jittable device half of ``augment_on='device'``: ``batch -> batch`` (the views'
+    `Views.device_views`), or None when ``data_config.augment_on`` is 'host'.
+
+    Same arguments as `build_dataset` (``dtype``, ``views``), so the two halves match.
+    """
+    if (data_config.get("augment_on") or "host") == "host":
+        return None
+    dataset = open_dataset(data_config.path)
+    return build_views_transform(data_config, dataset.meta, dataset.meta_path, dtype,
+                                 views).device_views
+
+
+def device_views(data_config: Any, batch: dict, *, dtype: str | None = None,
+                 views: str | type | None = None) -> dict:
+    """Jittable: a batch of the ``augment_on='device'`` pipeline -> the batch the 'host'
+    pipeline yields (same keys, shapes and dtypes; equal to float32 rounding)."""
+    dataset = open_dataset(data_config.path)
+    return build_views_transform(data_config, dataset.meta, dataset.meta_path, dtype, views,
+                                 augment_on="device").device_views(batch)
 
 
 
