@@ -157,3 +157,90 @@ def test_unknown_augment_on_and_unsupported_views_name_the_key(datasets):
     with pytest.raises(ValueError, match="config.data.augment_on='host'"):
         data.build_dataset(_cfg(datasets["s2c"], "softcon", augment_on="device"),
                            global_batch_size=2, seed=0, views=HostOnly)
+
+
+# ------------------------------------------------------------------ in the train step
+
+
+def _train_config(tmp_path, **overrides):
+    import helpers
+    from configs import quickstart
+    config = quickstart.get_config("test")
+    config.unlock()
+    overrides = {"data.path": str(tmp_path / "data"), "optimizer.name": "sgd",
+                 "optimizer.lr": 0.5, "optimizer.momentum": 0.9,
+                 "schedule.warmup_steps": 0, "model.backbone_kwargs.init_values": 1.0,
+                 **overrides}
+    return helpers.set_dotted(config, overrides)
+
+
+def _steps(config, devices, batches, augment_on):
+    from softcon_jax import methods, optim, sharding, state as state_lib, step as step_lib
+    mesh = sharding.make_mesh(config.mesh, devices)
+    method = methods.get(config.method)(config, mesh)
+    tx, schedule = optim.make_optimizer(config)
+    init_fn, rng, _, shardings = state_lib.create_train_state(config, method, tx, mesh)
+    state = init_fn(rng)
+    config.data.augment_on = augment_on
+    pre = data.build_device_views(config.data, "float32", method.views)
+    step = step_lib.jit_train_step(config, method, tx, schedule, mesh, shardings, pre)
+    for batch in batches:
+        state, metrics = step(state, sharding.host_batch_to_global(batch, mesh))
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+def _batches(config, augment_on, n=2):
+    from softcon_jax.data.source import ensure_synthetic_data
+    from softcon_jax import methods
+    ensure_synthetic_data(config.data)
+    config.data.augment_on = augment_on
+    it = iter(data.build_dataset(config.data, global_batch_size=config.global_batch_size,
+                                 seed=config.seed, dtype="float32",
+                                 views=methods.get(config.method).views))
+    return [next(it) for _ in range(n)]
+
+
+def _close(a, b, rtol):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    diff = sum(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2)
+               for x, y in zip(la, lb))
+    norm = sum(np.sum(np.asarray(y, np.float64) ** 2) for y in lb)
+    assert np.sqrt(diff / norm) <= rtol, np.sqrt(diff / norm)
+
+
+def test_device_mode_step_equals_host_mode_and_eight_devices_equal_one(tmp_path):
+    from softcon_jax import methods, sharding
+    assert jax.device_count() == 8
+    config = _train_config(tmp_path)
+    dev_batches = _batches(config, "device", n=1)
+    host_batches = _batches(config, "host", n=1)
+    # The views themselves: sharded over 8 devices = on one device = the host's.
+    config.data.augment_on = "device"
+    pre = jax.jit(data.build_device_views(config.data, "float32", methods.get("softcon").views))
+    mesh8 = sharding.make_mesh(config.mesh, jax.devices())
+    on8 = jax.device_get(pre(sharding.host_batch_to_global(dev_batches[0], mesh8)))
+    on1 = jax.device_get(pre(dev_batches[0]))
+    for k in host_batches[0]:
+        np.testing.assert_allclose(on8[k], on1[k], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(on8[k], host_batches[0][k], rtol=1e-5, atol=2e-5)
+    # The train step: views differ by float32 rounding (~1e-7), which the backward pass
+    # and an SGD step at lr 0.5 amplify to ~3e-5; a wrong view moves them by >= 1e-3.
+    state8, m8 = _steps(config, jax.devices(), dev_batches, "device")
+    host8, h8 = _steps(config, jax.devices(), host_batches, "host")
+    config1 = _train_config(tmp_path, **{"mesh.data": 1, "mesh.fsdp": 1})
+    state1, m1 = _steps(config1, jax.devices()[:1], dev_batches, "device")
+    np.testing.assert_allclose(m8["loss/total"], h8["loss/total"], rtol=1e-5)
+    np.testing.assert_allclose(m8["loss/total"], m1["loss/total"], rtol=1e-5)
+    _close(state8.params, state1.params, 1e-4)
+    _close(state8.params, host8.params, 1e-4)
+
+
+def test_device_mode_resume_is_exact(tmp_path):
+    from softcon_jax import train
+    kw = {"data.augment_on": "device", "total_steps": 4, "checkpoint.every_steps": 2}
+    straight = train.train(_train_config(tmp_path, **kw), str(tmp_path / "straight"))
+    train.train(_train_config(tmp_path, **kw, stop_after_step=2), str(tmp_path / "resumed"))
+    resumed = train.train(_train_config(tmp_path, **kw), str(tmp_path / "resumed"))
+    for a, b in zip(jax.tree.leaves(jax.device_get(straight.params)),
+                    jax.tree.leaves(jax.device_get(resumed.params))):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
