@@ -141,11 +141,31 @@ class Views(grain.transforms.RandomMap):
         if augment_on not in AUGMENT_ON:
             raise UserValueError(f"config.data.augment_on={augment_on!r}: expected one of "
                                  f"{AUGMENT_ON}")
-        if augment_on == "device" and type(self).layout is Views.layout:
+        if augment_on == "device" and not self._plans_its_views():
             raise UserValueError(
                 f"config.data.augment_on='device' needs views that define `layout` and "
-                f"`plan`; {type(self).__name__} does not. Set config.data.augment_on='host'.")
+                f"`plan` (not only `views`); {type(self).__name__} does not. Set "
+                "config.data.augment_on='host'.")
         self.augment_on = augment_on
+
+    @classmethod
+    def _plans_its_views(cls) -> bool:
+        """True when `layout` and `plan` describe the views (`views` not overridden below
+        them in the class hierarchy)."""
+        def owner(name):
+            return next(k for k in cls.__mro__ if name in k.__dict__)
+        mro = cls.__mro__
+        return all(owner(n) is not Views for n in ("layout", "plan")) and all(
+            mro.index(owner("views")) >= mro.index(owner(n)) for n in ("layout", "plan"))
+
+    def _view(self, img: np.ndarray, rng: np.random.Generator, *, crop_only: bool = False,
+              blur_prob: float = 0.0, bounds: np.ndarray | None = None,
+              trace: dict | None = None) -> np.ndarray:
+        """One host-mode view (for subclasses that override `views` directly)."""
+        return augment.make_view(img, rng, size=self.size, normalizer=self.normalizer,
+                                 params=self.params, crop_only=crop_only,
+                                 blur_prob=blur_prob, quantile_bounds=bounds,
+                                 dtype=self.dtype, trace=trace)
 
     def _seasons(self, rng: np.random.Generator, t: int, k: int) -> list[int]:
         """``k`` season indices out of ``t``: distinct (when ``t >= k``) or independent."""
@@ -172,10 +192,8 @@ class Views(grain.transforms.RandomMap):
         bounds = {n: self.normalizer.quantile_bounds(im) for n, im in images.items()}
         out = {}
         for key, (name, crop_only, blur_prob) in self.layout().items():
-            out[key] = augment.make_view(
-                images[name], rng, size=self.size, normalizer=self.normalizer,
-                params=self.params, crop_only=crop_only, blur_prob=blur_prob,
-                quantile_bounds=bounds[name], dtype=self.dtype)
+            out[key] = self._view(images[name], rng, crop_only=crop_only,
+                                  blur_prob=blur_prob, bounds=bounds[name])
         return {**out, **extras}
 
     def device_inputs(self, example: dict, rng: np.random.Generator) -> dict:
