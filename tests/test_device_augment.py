@@ -35,7 +35,7 @@ def _cfg(path, views_name, **kw):
     return cfg
 
 
-def _both(cfg, batches=2, batch=4):
+def _both(cfg, batches=1, batch=4):
     """(host batches, device batches) of the same seed."""
     host = iter(data.build_dataset(cfg, global_batch_size=batch, seed=3))
     cfg.augment_on = "device"
