@@ -11,6 +11,10 @@ Order of operations (all index-based, so deterministic and checkpointable)::
     .to_iter_dataset(ReadOptions)            threads
     .mp_prefetch(num_workers)                optional worker processes
 
+With ``data_config.augment_on='device'`` the random_map yields the raw season images and
+the packed random draws instead of the views, and ``build_device_views`` gives the jittable
+function (run inside the train step) that turns such a batch into the views.
+
 The view builders are a registry (`softcon_jax.data.views.VIEWS`); each method defines its
 own (`softcon_jax.methods.softcon.SoftConViews`, `...seco.SeCoViews`).
 """
