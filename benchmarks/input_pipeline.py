@@ -8,6 +8,10 @@ grayscale, blur, flip, SoftCon normalisation). Measured in the same run:
   vectorised NumPy augmentations), with 0 worker processes (everything in the
   main process, one thread) and with ``--workers`` processes; float32 views, and
   bfloat16 views (what the trainer ships for a bf16 model: half the bytes);
+- ``augment_on='device'``: the same pipeline shipping the raw season images (uint16) and
+  the random draws; the views are made on the accelerator (``data.device_views``), whose
+  cost is measured here too (jitted on this CPU, and FLOPs / bytes from its compiled
+  ``cost_analysis``);
 - ``reference-style``: a per-sample loop as the reference PyTorch loaders do
   it (decode, then per-band normalise / crop / resize / jitter / blur / flip
   in plain NumPy + SciPy, then stack), single process.
@@ -27,6 +31,7 @@ import statistics
 import sys
 import time
 
+import jax
 import numpy as np
 from scipy import ndimage
 
@@ -37,21 +42,50 @@ from softcon_jax import data  # noqa: E402
 from softcon_jax.data import normalize, records  # noqa: E402
 
 
-def _grain_rate(path: str, size: int, channels: int, batch: int, batches: int, workers: int,
-                warmup: int, dtype: str = "float32") -> float:
+def _cfg(path: str, size: int, channels: int, workers: int, dtype: str, augment_on: str):
     cfg = data.default_config()
     cfg.path, cfg.image_size, cfg.in_channels, cfg.dtype = path, size, channels, dtype
-    cfg.views = "softcon"
+    cfg.views, cfg.augment_on = "softcon", augment_on
     cfg.num_workers, cfg.read_threads = workers, 1
+    return cfg
+
+
+def _grain_rate(path: str, size: int, channels: int, batch: int, batches: int, workers: int,
+                warmup: int, dtype: str = "float32", augment_on: str = "host"
+                ) -> tuple[float, float]:
+    """(records/s, bytes per sample shipped to the devices)."""
+    cfg = _cfg(path, size, channels, workers, dtype, augment_on)
     it = iter(data.build_dataset(cfg, global_batch_size=batch, seed=0))
     for _ in range(warmup):
-        next(it)
+        b = next(it)
     t = time.perf_counter()
     for _ in range(batches):
         next(it)
     dt = time.perf_counter() - t
     it.close()
-    return batches * batch / dt
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(b)) / batch
+    return batches * batch / dt, nbytes
+
+
+def _device_cost(path: str, size: int, channels: int, batch: int, dtype: str, repeats: int
+                 ) -> tuple[float, float, float]:
+    """Device-side views of one batch, jitted on this CPU: (s per sample, FLOPs per sample,
+    bytes accessed per sample) from the compiled ``cost_analysis``."""
+    cfg = _cfg(path, size, channels, 0, dtype, "device")
+    b = next(iter(data.build_dataset(cfg, global_batch_size=batch, seed=0)))
+    fn = jax.jit(data.build_device_views(cfg))
+    compiled = fn.lower(b).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    b = jax.device_put(b)
+    jax.block_until_ready(compiled(b))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(b))
+        times.append(time.perf_counter() - t)
+    return (statistics.median(times) / batch, float(cost.get("flops", 0.0)) / batch,
+            float(cost.get("bytes accessed", 0.0)) / batch)
 
 
 def _reference_view(img: np.ndarray, rng: np.random.Generator, size: int, mean, std,
@@ -135,17 +169,24 @@ def main() -> None:
     rec_mb = meta["timesteps"] * 13 * a.image_size ** 2 * 2 / 1e6
     rows = []
     ours = "grain + vectorised NumPy (ours)"
-    runs = [(ours, 0, "float32"), (ours, 0, "bfloat16"), (ours, a.workers, "float32")]
-    for name, workers, dtype in runs:
-        rates = [_grain_rate(a.data, a.view_size, 13, a.batch_size, a.batches, workers,
-                             warmup=max(1, workers) * 2, dtype=dtype)
-                 for _ in range(a.repeats)]
+    dev = "grain, augment_on='device' (raw uint16 + draws)"
+    runs = [(ours, 0, "float32", "host"), (ours, 0, "bfloat16", "host"),
+            (ours, a.workers, "float32", "host"), (dev, 0, "bfloat16", "device"),
+            (dev, a.workers, "bfloat16", "device")]
+    for name, workers, dtype, mode in runs:
+        got = [_grain_rate(a.data, a.view_size, 13, a.batch_size, a.batches, workers,
+                           warmup=max(1, workers) * 2, dtype=dtype, augment_on=mode)
+               for _ in range(a.repeats)]
         rows.append((name, dtype, f"{workers} (main process)" if workers == 0 else
-                     str(workers), max(workers, 1), statistics.median(rates)))
+                     str(workers), max(workers, 1), statistics.median(r for r, _ in got),
+                     got[0][1]))
     base = [_reference_rate(a.data, a.view_size, a.batch_size, a.batches)
             for _ in range(a.repeats)]
+    host_bytes = 2 * a.view_size ** 2 * 13 * 4 + 2 * 9 * 4
     rows.append(("reference-style per-sample loop", "float32", "0 (main process)", 1,
-                 statistics.median(base)))
+                 statistics.median(base), host_bytes))
+    sec, flops, acc = _device_cost(a.data, a.view_size, 13, a.batch_size, "bfloat16",
+                                   a.repeats)
 
     machine = a.machine or f"{os.cpu_count()}-core CPU ({platform.machine()})"
     cmd = "python benchmarks/input_pipeline.py" + (" --smoke" if a.smoke else "")
@@ -154,14 +195,20 @@ def main() -> None:
           f"median of {a.repeats} x {a.batches} batches.")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"Command: `{cmd}`; machine: {machine}; load average during run: {load}.\n")
-    print("| pipeline | views | views MB/batch | worker processes | records/s "
+    print("| pipeline | views | MB/sample to the devices | worker processes | records/s "
           "| records/s per worker | MB/s per worker | vs baseline (per worker) |")
     print("|---|---|---:|---|---:|---:|---:|---:|")
     ref = rows[-1][4]
-    for name, dtype, workers, n, rate in rows:
-        batch_mb = 2 * a.batch_size * a.view_size ** 2 * 13 * (2 if dtype == "bfloat16" else 4)
-        print(f"| {name} | {dtype} | {batch_mb / 1e6:.1f} | {workers} | {rate:.1f} "
+    for name, dtype, workers, n, rate, nbytes in rows:
+        print(f"| {name} | {dtype} | {nbytes / 1e6:.2f} | {workers} | {rate:.1f} "
               f"| {rate / n:.1f} | {rate / n * rec_mb:.1f} | {rate / n / ref:.2f}x |")
+    host0 = next(r[4] for r in rows if r[1] == "bfloat16" and r[0] == ours)
+    dev0 = next(r[4] for r in rows if r[0] == dev and r[3] == 1)
+    print(f"\nPer core (main process, bf16 views): device mode {dev0:.1f} records/s vs host "
+          f"mode {host0:.1f}: {dev0 / host0:.1f}x.")
+    print(f"Device-side views (jit on this CPU, batch {a.batch_size}): {sec * 1e3:.1f} ms per "
+          f"sample; compiled cost {flops / 1e6:.1f} MFLOP and {acc / 1e6:.1f} MB accessed "
+          "per sample.")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # with luminance weights, on the RGB image in [0, 1] before the crop and the ImageNet
     # normalisation (the 'seco' defaults of softcon_jax.data.pipeline).
     c.data.num_workers = 16
+    # The accelerator crops, jitters, blurs and normalises (same views as on the host);
+    # the host only reads, decodes and draws: several times more samples per host core
+    # (BENCHMARKS.md, "Augmentations on the device"). 'host' for the NumPy path.
+    c.data.augment_on = "device"
 
     c.model = ml_collections.ConfigDict()
     c.model.backbone = name

@@ -55,6 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # truncates to uint8 first: --config.data.quantize_uint8=True (at most 1/255 apart).
     c.data.quantize_uint8 = False
     c.data.num_workers = 16
+    # The accelerator crops, jitters, blurs and normalises (same views as on the host);
+    # the host only reads, decodes and draws: several times more samples per host core
+    # (BENCHMARKS.md, "Augmentations on the device"). 'host' for the NumPy path.
+    c.data.augment_on = "device"
 
     c.model = ml_collections.ConfigDict()
     name, kwargs = BACKBONES[a.backbone]

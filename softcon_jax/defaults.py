@@ -24,6 +24,10 @@ def data() -> ml_collections.ConfigDict:
         "image_size": 224,           # output views are image_size x image_size
         "allow_upsample": False,     # True: allow image_size above the stored size
         "in_channels": 13,           # must equal the number of (selected) bands
+        # Where the augmentations run: 'device' (the host only reads, decodes and draws the
+        # random parameters; the train step crops, jitters, blurs and normalises) or
+        # 'host' (NumPy in the input pipeline). Same views either way; see BENCHMARKS.md.
+        "augment_on": "host",
         "dtype": ph(str),            # views' dtype; None = float32, or in the trainer the
                                      # model's compute dtype (config.model.dtype)
         "bands": ph(tuple),          # None = all bands of the metadata, or band names

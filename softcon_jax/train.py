@@ -164,7 +164,9 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
             continue_input_at(data_iter, start)
 
     # --- loop -----------------------------------------------------------------------------
-    step_fn = jit_train_step(config, method, tx, schedule, mesh, state_shardings)
+    # config.data.augment_on='device': the step makes the views from the raw images.
+    preprocess = data.build_device_views(config.data, data.input_dtype(config).name, views)
+    step_fn = jit_train_step(config, method, tx, schedule, mesh, state_shardings, preprocess)
     # A background thread reads and places batches on the devices, prefetch_to_device
     # ahead, so this thread only dispatches steps. Its get_state() is the input position
     # of the batches consumed so far: that is what checkpoints store.

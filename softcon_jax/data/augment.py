@@ -301,25 +301,48 @@ def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     return out
 
 
-def _augment(x: np.ndarray, rng: np.random.Generator, params: AugmentParams,
-             blur_prob: float, value_range: tuple | None, trace: dict | None) -> np.ndarray:
-    """Jitter, grayscale, blur, flip of (H, W, C) with the probabilities of ``params``."""
+def draw_augment(rng: np.random.Generator, params: AugmentParams, channels: int,
+                 blur_prob: float) -> dict:
+    """The random part of ``_augment`` (jitter, grayscale, blur sigma, flip), in its order.
+
+    Absent keys = not applied. Nothing depends on pixel values, so drawing first and
+    applying later (``apply_augment``, or on the device) gives the same views.
+    """
+    draw = {}
     if rng.random() < params.jitter_prob:
-        x = jitter(x, rng, params, value_range, trace)
+        draw["jitter"] = draw_jitter(rng, params, channels)
     if rng.random() < params.grayscale_prob:
-        x = grayscale(x, params.luma_weights if params.rgb else None)
-        if trace is not None:
-            trace["grayscale"] = True
+        draw["grayscale"] = True
     if rng.random() < blur_prob:
-        sigma = float(rng.uniform(*params.blur_sigma))
-        x = gaussian_blur(x, sigma)
-        if trace is not None:
-            trace["blur_sigma"] = sigma
+        draw["blur_sigma"] = float(rng.uniform(*params.blur_sigma))
     if rng.random() < params.hflip_prob:
+        draw["hflip"] = True
+    return draw
+
+
+def apply_augment(x: np.ndarray, draw: dict, params: AugmentParams,
+                  value_range: tuple | None) -> np.ndarray:
+    """Jitter, grayscale, blur, flip of (H, W, C) as ``draw`` (``draw_augment``) says."""
+    if "jitter" in draw:
+        x = apply_jitter(x, draw["jitter"], rgb=params.rgb, luma_weights=params.luma_weights,
+                         value_range=value_range)
+    if draw.get("grayscale"):
+        x = grayscale(x, params.luma_weights if params.rgb else None)
+    if "blur_sigma" in draw:
+        x = gaussian_blur(x, draw["blur_sigma"])
+    if draw.get("hflip"):
         x = hflip(x)
-        if trace is not None:
-            trace["hflip"] = True
     return x
+
+
+def draw_view(rng: np.random.Generator, height: int, width: int, channels: int, *,
+              params: AugmentParams, crop_only: bool = False, blur_prob: float = 0.0) -> dict:
+    """Every random draw of one ``make_view``, in its order: ``crop`` (top, left, h, w),
+    then (unless ``crop_only``) those of ``draw_augment``."""
+    draw = {"crop": sample_crop_box(rng, height, width, params.crop_scale, params.crop_ratio)}
+    if not crop_only:
+        draw.update(draw_augment(rng, params, channels, blur_prob))
+    return draw
 
 
 def make_view(image: np.ndarray, rng: np.random.Generator, *, size: int, normalizer,
@@ -338,15 +361,25 @@ def make_view(image: np.ndarray, rng: np.random.Generator, *, size: int, normali
     the random draws: ``crop`` (top, left, h, w), ``jitter`` (see ``draw_jitter``),
     ``grayscale``, ``blur_sigma``, ``hflip`` (absent = not applied).
     """
-    _, h, w = image.shape
-    top, left, ch, cw = sample_crop_box(rng, h, w, params.crop_scale, params.crop_ratio)
+    c, h, w = image.shape
+    draw = draw_view(rng, h, w, c, params=params, crop_only=crop_only, blur_prob=blur_prob)
     if trace is not None:
-        trace.update(crop=(top, left, ch, cw), size=size)
+        trace.update(draw, size=size)
+    return apply_view(image, draw, size=size, normalizer=normalizer, params=params,
+                      quantile_bounds=quantile_bounds, dtype=dtype)
+
+
+def apply_view(image: np.ndarray, draw: dict, *, size: int, normalizer,
+               params: AugmentParams, quantile_bounds: np.ndarray | None = None,
+               dtype=np.float32) -> np.ndarray:
+    """The deterministic part of ``make_view``: ``draw`` (``draw_view``) applied to a raw
+    (C, H, W) image."""
+    top, left, ch, cw = draw["crop"]
     value_range = normalizer.unit_range
     unit = normalizer.unit
-    if params.augment_before_crop and not crop_only:
+    if params.augment_before_crop and len(draw) > 1:  # crop-only: same either way
         x = unit(image.transpose(1, 2, 0), quantile_bounds)
-        x = _augment(x, rng, params, blur_prob, value_range, trace)
+        x = apply_augment(x, draw, params, value_range)
         x = resize_bilinear(x[top:top + ch, left:left + cw], (size, size))
     else:
         # Normalising only the crop is exact (the presets are per pixel) and cheaper;
@@ -354,7 +387,6 @@ def make_view(image: np.ndarray, rng: np.random.Generator, *, size: int, normali
         region = unit(image[:, top:top + ch, left:left + cw].transpose(1, 2, 0),
                       quantile_bounds)
         x = resize_bilinear(region, (size, size))
-        if not crop_only:
-            x = _augment(x, rng, params, blur_prob, value_range, trace)
+        x = apply_augment(x, draw, params, value_range)
     x = normalizer.finish(x)
     return np.ascontiguousarray(x, dtype=dtype)

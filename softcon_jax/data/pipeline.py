@@ -11,6 +11,10 @@ Order of operations (all index-based, so deterministic and checkpointable)::
     .to_iter_dataset(ReadOptions)            threads
     .mp_prefetch(num_workers)                optional worker processes
 
+With ``data_config.augment_on='device'`` the random_map yields the raw season images and
+the packed random draws instead of the views, and ``build_device_views`` gives the jittable
+function (run inside the train step) that turns such a batch into the views.
+
 The view builders are a registry (`softcon_jax.data.views.VIEWS`); each method defines its
 own (`softcon_jax.methods.softcon.SoftConViews`, `...seco.SeCoViews`).
 """
@@ -82,7 +86,8 @@ def make_normalizer(data_config: Any, meta: dict, meta_path: str) -> normalize.N
 
 
 def build_views_transform(data_config: Any, meta: dict, meta_path: str,
-                          dtype: str | None = None, views: str | type | None = None) -> Views:
+                          dtype: str | None = None, views: str | type | None = None,
+                          augment_on: str | None = None) -> Views:
     """The per-sample RandomMap (decode + views) described by ``data_config``.
 
     ``views`` (default ``data_config.views``) is a registered view builder's name or a
@@ -108,7 +113,31 @@ def build_views_transform(data_config: Any, meta: dict, meta_path: str,
     return cls(size=int(data_config.image_size), band_index=index,
                          normalizer=norm, params=params,
                          dtype=view_dtype(dtype or data_config.get("dtype")),
-                         season_sampling=data_config.get("season_sampling"))
+                         season_sampling=data_config.get("season_sampling"),
+                         augment_on=augment_on or data_config.get("augment_on") or "host")
+
+
+def build_device_views(data_config: Any, dtype: str | None = None,
+                       views: str | type | None = None):
+    """The jittable device half of ``augment_on='device'``: ``batch -> batch`` (the views'
+    `Views.device_views`), or None when ``data_config.augment_on`` is 'host'.
+
+    Same arguments as `build_dataset` (``dtype``, ``views``), so the two halves match.
+    """
+    if (data_config.get("augment_on") or "host") == "host":
+        return None
+    dataset = open_dataset(data_config.path)
+    return build_views_transform(data_config, dataset.meta, dataset.meta_path, dtype,
+                                 views).device_views
+
+
+def device_views(data_config: Any, batch: dict, *, dtype: str | None = None,
+                 views: str | type | None = None) -> dict:
+    """Jittable: a batch of the ``augment_on='device'`` pipeline -> the batch the 'host'
+    pipeline yields (same keys, shapes and dtypes; equal to float32 rounding)."""
+    dataset = open_dataset(data_config.path)
+    return build_views_transform(data_config, dataset.meta, dataset.meta_path, dtype, views,
+                                 augment_on="device").device_views(batch)
 
 
 

@@ -67,17 +67,13 @@ class SeCoViews(Views):
         image = ((size, size, channels), dtype)
         return {"q": image, **{k: image for k in KEY_VIEWS}}
 
-    def views(self, example: dict, rng: np.random.Generator) -> dict:
-        t = example["image"].shape[0]
-        t0, t1, t2 = self._seasons(rng, t, 3)
-        imgs = {k: self._image(example, k) for k in {t0, t1, t2}}
-        bounds = {k: self.normalizer.quantile_bounds(v) for k, v in imgs.items()}
-        return {
-            "q": self._view(imgs[t0], rng, crop_only=True, bounds=bounds[t0]),
-            "k0": self._view(imgs[t1], rng, blur_prob=self._blur(0), bounds=bounds[t1]),
-            "k1": self._view(imgs[t2], rng, crop_only=True, bounds=bounds[t2]),
-            "k2": self._view(imgs[t0], rng, blur_prob=self._blur(1), bounds=bounds[t0]),
-        }
+    def layout(self):
+        return {"q": ("t0", True, 0.0), "k0": ("t1", False, self._blur(0)),
+                "k1": ("t2", True, 0.0), "k2": ("t0", False, self._blur(1))}
+
+    def plan(self, example: dict, rng: np.random.Generator):
+        t0, t1, t2 = self._seasons(rng, example["image"].shape[0], 3)
+        return {f"t{i}": self._image(example, t) for i, t in enumerate((t0, t1, t2))}, {}
 
 
 

@@ -46,17 +46,16 @@ class SoftConViews(Views):
         image, labels = ((size, size, channels), dtype), ((NUM_CLASSES,), np.float32)
         return {"view1": image, "view2": image, "labels1": labels, "labels2": labels}
 
-    def views(self, example: dict, rng: np.random.Generator) -> dict:
+    def layout(self):
+        return {"view1": ("season1", False, self._blur(0)),
+                "view2": ("season2", False, self._blur(1))}
+
+    def plan(self, example: dict, rng: np.random.Generator):
         t = example["image"].shape[0]
         s1, s2 = self._seasons(rng, t, 2)
-        out = {}
-        for i, s in enumerate((s1, s2)):
-            img = self._image(example, s)
-            out[f"view{i + 1}"] = self._view(img, rng, blur_prob=self._blur(i),
-                                             bounds=self.normalizer.quantile_bounds(img))
-            out[f"labels{i + 1}"] = example["labels"][s].astype(np.float32)
-        return out
-
+        return ({"season1": self._image(example, s1), "season2": self._image(example, s2)},
+                {"labels1": example["labels"][s1].astype(np.float32),
+                 "labels2": example["labels"][s2].astype(np.float32)})
 
 
 @common.METHODS.register("softcon")
