@@ -120,3 +120,21 @@ def test_config_model_remat_reaches_the_backbones():
         config.model.remat = True
         method = methods.get(config.method)(config, mesh)
         assert method.backbone.remat is True
+
+
+def test_gpu_suite_passes_shellcheck():
+    import shutil
+    from pathlib import Path
+
+    exe = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    res = subprocess.run([exe, "-x", "benchmarks/gpu_suite.sh"], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_pod_plans_table_marks_rows_not_compiled(tmp_path):
+    sys.path.insert(0, "benchmarks")
+    import pod_plans
+
+    text = pod_plans.table({}, [1], ["v5litepod-64"])
+    assert text.count("not compiled here (command: `python -m softcon_jax.plan") == 4
