@@ -292,7 +292,7 @@ def shortfall_gib(report: dict) -> float:
 def format_report(r: dict) -> str:
     lines = [f"slice {r['accelerator_type']} x{r['num_slices']} ({r['topology']}): "
              f"{r['devices']} chips, mesh {r['mesh']}, per-chip batch {r['per_device_batch']} "
-             f"(global {r['global_batch_size']}), {r['param_count'] / 1e6:.1f}M parameters",
+             f"(global {r['global_batch_size']}), {r['param_count']:,} parameters",
              f"compile: {r['compile_s']:.1f} s"]
     hbm = r["hbm_bytes"] / GiB
     if r["memory_bytes"] is None:
@@ -306,13 +306,13 @@ def format_report(r: dict) -> str:
                  + ("fits" if r["fits"] else "DOES NOT FIT"))
     lines.append(f"compute per chip per step: {r['flops_per_device'] / 1e12:.2f} TFLOP, "
                  f"{r['hbm_bytes_accessed'] / GiB:.1f} GiB HBM traffic; roofline >= "
-                 f"{r['roofline_step_s'] * 1e3:.1f} ms/step, <= "
+                 f"{r['roofline_step_s'] * 1e3:.3g} ms/step, <= "
                  f"{r['roofline_images_per_s_per_device']:.0f} img/s/chip")
     for c in r["collectives"]:
         lines.append(f"  {c['kind']:<18} x{c['count']:<4} {c['bytes'] / 2**20:10.2f} MiB/chip")
     lines.append(f"collectives: {r['collective_bytes'] / 2**20:.2f} MiB/chip/step; "
                  f"data-parallel minimum {r['min_collective_bytes'] / 2**20:.2f} MiB "
-                 f"(ratio {r['collective_ratio']}); {r['collective_s_at_ici'] * 1e3:.1f} ms "
+                 f"(ratio {r['collective_ratio']}); {r['collective_s_at_ici'] * 1e3:.3g} ms "
                  "at the chip's ICI bandwidth")
     return "\n".join(lines)
 
