@@ -53,7 +53,7 @@ def run_row(model, multiple, slice_, timeout) -> dict:
                                                                    knobs), "--json", out],
                                      capture_output=True, text=True, timeout=timeout)
             except subprocess.TimeoutExpired:
-                return {"status": f"compile over {timeout} s", "knobs": list(knobs)}
+                return {"status": f"not compiled within {timeout} s here", "knobs": list(knobs)}
             if not os.path.exists(out):
                 tail = (res.stderr.strip().splitlines() or ["?"])[-1]
                 return {"status": f"failed: {tail[:200]}", "knobs": list(knobs)}
