@@ -47,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # input for many steps; 0.1 (as CaiT for shallow models) trains at once.
         init_values=0.1)
     c.model.dtype = "float32"
+    c.model.remat = False  # True: recompute block activations in the backward (less memory)
     c.model.batch_norm = "sync"  # or "per_device" (shuffle-BN-like)
     c.model.mask_ratio = 0.0     # Siamese masking of student patch tokens (ViT only)
     dim, hidden = (16, 32) if test else (64, 256)

@@ -58,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.backbone = name
     c.model.backbone_kwargs = common.resnet_kwargs(block, stages)
     c.model.dtype = "bfloat16"
+    c.model.remat = False  # True: recompute block activations in the backward (less memory)
     # The reference shuffles BN across GPUs; per-device statistics reproduce that behaviour.
     c.model.batch_norm = "per_device"
     c.model.head = ml_collections.ConfigDict(dict(hidden_dim=hidden, out_dim=128))

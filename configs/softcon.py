@@ -65,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.backbone = name
     c.model.backbone_kwargs = kwargs()
     c.model.dtype = "bfloat16"
+    c.model.remat = False  # True: recompute block activations in the backward (less memory)
     c.model.batch_norm = "sync"
     c.model.mask_ratio = 0.0  # Siamese masking of student patch tokens (ViT only)
     # MoCo-v3: ResNet projector has 2 layers and a predictor without last BN; ViT 3 and with.

@@ -48,6 +48,17 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     if data * fsdp != len(devices):
         raise UserValueError(f"config.mesh asks for data={data} x fsdp={fsdp} = {data * fsdp} "
                          f"devices, but {len(devices)} are available.")
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        # Multislice: `data` spans the slices (DCN), `fsdp` stays inside a slice (ICI).
+        from jax.experimental import mesh_utils
+
+        if data % slices:
+            raise UserValueError(f"config.mesh.data={data} is not divisible by the {slices} "
+                                 "slices; data parallelism spans them.")
+        grid = mesh_utils.create_hybrid_device_mesh((data // slices, fsdp), (slices, 1),
+                                                    devices)
+        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 2)
     return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2,
                          devices=devices)
 

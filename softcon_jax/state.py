@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from softcon_jax import cli, methods, optim, sharding
+from softcon_jax import cli, data, losses, methods, optim, sharding
 from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
+from softcon_jax.cli import UserValueError
+from softcon_jax.methods.common import compute_dtype
 
 
 @flax.struct.dataclass
@@ -23,6 +25,42 @@ class TrainState:
     opt_state: optax.OptState
     model_state: dict         # non-trained: BN statistics, EMA teacher, queues
     num_nonfinite: jax.Array  # steps whose loss or gradient was not finite (never applied)
+
+
+_POSITIVE = ("global_batch_size", "total_steps", "log_every_steps", "checkpoint.every_steps",
+             "checkpoint.keep", "optimizer.lr", "loss.temperature")
+
+
+def validate(config, mesh):
+    """Fails early (before compiling), naming the config key, on settings that cannot work."""
+    for key in _POSITIVE:
+        value = config
+        for part in key.split("."):
+            value = value.get(part) if value is not None else None
+        if value is not None and not value > 0:
+            raise UserValueError(f"config.{key}={value}; expected a positive value.")
+    sharding.check_batch_divides(config.global_batch_size, mesh)
+    accum = int(config.get("grad_accum_steps", 1))
+    if accum < 1:
+        raise UserValueError(f"config.grad_accum_steps={accum}; expected a positive integer.")
+    if accum > 1:
+        sharding.check_batch_divides(config.global_batch_size // accum, mesh,
+                                     key="config.global_batch_size / config.grad_accum_steps")
+        if config.global_batch_size % accum:
+            raise UserValueError(f"config.global_batch_size={config.global_batch_size} is not "
+                             f"divisible by config.grad_accum_steps={accum}.")
+    compute_dtype(config)  # config.model.dtype
+    losses.check_options(config.loss.name, config.loss.get("kwargs"),
+                         framework=("temperature", "num_chunks", "row_offset"))
+    data.input_dtype(config)  # config.data.dtype
+    methods.get(config.method)  # config.method
+    if config.data.get("views"):
+        data.VIEWS.get(config.data.views)  # config.data.views (default: the method's own)
+    if config.nonfinite not in ("stop", "skip"):
+        raise UserValueError(f"config.nonfinite={config.nonfinite!r}; expected 'stop' or 'skip'.")
+    if config.global_batch_size % jax.process_count():
+        raise UserValueError(f"config.global_batch_size={config.global_batch_size} is not "
+                         f"divisible by the {jax.process_count()} processes.")
 
 
 def create_train_state(config, method, tx, mesh):

@@ -21,17 +21,16 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from softcon_jax import cli, data, distributed, logs, losses, methods, optim, overrides, sharding
+from softcon_jax import cli, data, distributed, logs, methods, optim, overrides, sharding
 from softcon_jax.registry import import_modules
 from softcon_jax.signals import StopSignals
 from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
 from softcon_jax.data.source import ensure_synthetic_data
 from softcon_jax.evaluators.online_knn import OnlineKNN
 from softcon_jax.logs import MetricWriter, Progress
-from softcon_jax.methods.common import compute_dtype
-from softcon_jax.state import TrainState, create_train_state, load_pretrained_backbone
+from softcon_jax.state import (TrainState, create_train_state, load_pretrained_backbone,
+                               validate)
 from softcon_jax.step import jit_train_step, window_mean
-from softcon_jax.cli import UserValueError
 
 
 def _define_flags():
@@ -73,42 +72,6 @@ class NonFiniteError(cli.UserError, RuntimeError):
 
 
 # ==== The run =============================================================================
-
-_POSITIVE = ("global_batch_size", "total_steps", "log_every_steps", "checkpoint.every_steps",
-             "checkpoint.keep", "optimizer.lr", "loss.temperature")
-
-
-def validate(config, mesh):
-    """Fails early (before compiling), naming the config key, on settings that cannot work."""
-    for key in _POSITIVE:
-        value = config
-        for part in key.split("."):
-            value = value.get(part) if value is not None else None
-        if value is not None and not value > 0:
-            raise UserValueError(f"config.{key}={value}; expected a positive value.")
-    sharding.check_batch_divides(config.global_batch_size, mesh)
-    accum = int(config.get("grad_accum_steps", 1))
-    if accum < 1:
-        raise UserValueError(f"config.grad_accum_steps={accum}; expected a positive integer.")
-    if accum > 1:
-        sharding.check_batch_divides(config.global_batch_size // accum, mesh,
-                                     key="config.global_batch_size / config.grad_accum_steps")
-        if config.global_batch_size % accum:
-            raise UserValueError(f"config.global_batch_size={config.global_batch_size} is not "
-                             f"divisible by config.grad_accum_steps={accum}.")
-    compute_dtype(config)  # config.model.dtype
-    losses.check_options(config.loss.name, config.loss.get("kwargs"),
-                         framework=("temperature", "num_chunks", "row_offset"))
-    data.input_dtype(config)  # config.data.dtype
-    methods.get(config.method)  # config.method
-    if config.data.get("views"):
-        data.VIEWS.get(config.data.views)  # config.data.views (default: the method's own)
-    if config.nonfinite not in ("stop", "skip"):
-        raise UserValueError(f"config.nonfinite={config.nonfinite!r}; expected 'stop' or 'skip'.")
-    if config.global_batch_size % jax.process_count():
-        raise UserValueError(f"config.global_batch_size={config.global_batch_size} is not "
-                         f"divisible by the {jax.process_count()} processes.")
-
 
 def train(config, workdir: str, *, devices=None) -> TrainState:
     """Runs (or resumes) pretraining in `workdir`; returns the final train state."""

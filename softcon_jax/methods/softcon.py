@@ -71,6 +71,7 @@ class SoftCon:
         def make_backbone():
             return models.build_backbone(m.backbone, in_channels=config.data.in_channels,
                                          dtype=dtype, bn_groups=groups,
+                                         remat=bool(m.get("remat", False)),
                                          **m.get("backbone_kwargs", {}).to_dict())
 
         def mlp(c):

@@ -79,7 +79,8 @@ class BackboneSpec:
     def fields(self) -> set[str]:
         """Architecture fields a config may set (`config.model.backbone_kwargs`)."""
         return {f for f in self.module.__dataclass_fields__
-                if f not in ("parent", "name", "arch", "in_channels", "dtype", "bn_groups")}
+                if f not in ("parent", "name", "arch", "in_channels", "dtype", "bn_groups",
+                             "remat")}
 
 
 BACKBONES: Registry[BackboneSpec] = Registry("backbone", "config.model.backbone")
@@ -100,7 +101,7 @@ def spec_of(model: Any) -> BackboneSpec:
 
 
 def build_backbone(name: str, *, in_channels: int, dtype: Any = jnp.float32,
-                   bn_groups: int = 1, **kwargs: Any):
+                   bn_groups: int = 1, remat: bool = False, **kwargs: Any):
     """Builds backbone `name` for `in_channels` input bands.
 
     Args:
@@ -108,6 +109,8 @@ def build_backbone(name: str, *, in_channels: int, dtype: Any = jnp.float32,
       in_channels: input bands (13 S2 L1C, 12 S2 L2A, 2 S1, ...).
       dtype: compute dtype (jnp.bfloat16 for mixed precision); parameters stay float32.
       bn_groups: BatchNorm statistics groups (ResNet only; see `layers.BatchNorm`).
+      remat: recompute each block's activations in the backward pass (`nn.remat`,
+        `config.model.remat`): less memory, about one more forward; same parameters.
       **kwargs: architecture overrides (`BackboneSpec.fields`). ViT: img_size, patch_size,
         embed_dim, depth, num_heads, mlp_ratio, init_values, drop_path_rate, attention.
         ResNet: block, stage_sizes, widths (timm `layers`, `channels`).
@@ -123,4 +126,4 @@ def build_backbone(name: str, *, in_channels: int, dtype: Any = jnp.float32,
     if in_channels < 1:
         raise UserValueError(f"build_backbone({name!r}): in_channels must be >= 1, got {in_channels}.")
     return spec.module(arch=name, in_channels=int(in_channels), dtype=dtype,
-                       bn_groups=int(bn_groups), **fields)
+                       bn_groups=int(bn_groups), remat=bool(remat), **fields)

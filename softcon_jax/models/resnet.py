@@ -47,7 +47,7 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         bn = lambda name: BatchNorm(bn_groups=self.bn_groups, dtype=self.dtype, name=name)
         y = _conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)
         y = nn.relu(bn("bn1")(y, train=train))
@@ -71,7 +71,7 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         bn = lambda name: BatchNorm(bn_groups=self.bn_groups, dtype=self.dtype, name=name)
         out = self.planes * self.expansion
         y = _conv(self.planes, 1, 1, self.dtype, "conv1")(x)
@@ -100,6 +100,7 @@ class ResNet(nn.Module):
       in_channels: input bands.
       bn_groups: see `softcon_jax.models.layers.BatchNorm`.
       dtype: compute dtype (parameters stay float32).
+      remat: recompute each block's activations in the backward pass (`nn.remat`).
     """
 
     arch: str = "resnet50"
@@ -109,6 +110,7 @@ class ResNet(nn.Module):
     in_channels: int = 3
     bn_groups: int = 1
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @property
     def num_features(self) -> int:
@@ -135,6 +137,8 @@ class ResNet(nn.Module):
             raise ValueError(f"{self.arch}: expected NHWC input with {self.in_channels} "
                              f"channels, got shape {x.shape}.")
         block_cls = BLOCKS[self.block]
+        if self.remat:
+            block_cls = nn.remat(block_cls, static_argnums=(2,))
         x = x.astype(self.dtype)
         x = _conv(STEM_WIDTH, 7, 2, self.dtype, "conv1")(x)
         x = BatchNorm(bn_groups=self.bn_groups, dtype=self.dtype, name="bn1")(x, train=train)
@@ -147,7 +151,7 @@ class ResNet(nn.Module):
                 down = b == 0 and (stride != 1 or inplanes != width * block_cls.expansion)
                 x = block_cls(planes=width, stride=stride, downsample=down,
                               bn_groups=self.bn_groups, dtype=self.dtype,
-                              name=f"layer{s + 1}_{b}")(x, train=train)
+                              name=f"layer{s + 1}_{b}")(x, train)
                 inplanes = width * block_cls.expansion
         # Pool in float32: the features feed losses and exports.
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)

@@ -92,7 +92,7 @@ class Block(nn.Module):
     attention: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         d = x.shape[-1]
         dp = DropPath(self.drop_path)
         y = _layer_norm(self.dtype, "norm1")(x)
@@ -135,6 +135,8 @@ class VisionTransformer(nn.Module):
       dtype: compute dtype (parameters stay float32).
       attention: None (XLA, the default) or 'cudnn' (cuDNN flash attention through
         `jax.nn.dot_product_attention`: NVIDIA GPUs, bf16 compute; not CPU/TPU/float32).
+      remat: recompute each block's activations in the backward pass (`nn.remat`); the
+        parameters and outputs are unchanged.
     """
 
     arch: str = "vit_small_patch14_dinov2"
@@ -150,6 +152,7 @@ class VisionTransformer(nn.Module):
     bn_groups: int = 1  # accepted for a uniform build_backbone signature; a ViT has no BN
     dtype: Dtype = jnp.float32
     attention: str | None = None
+    remat: bool = False
 
     @property
     def grid_size(self) -> int:
@@ -186,8 +189,9 @@ class VisionTransformer(nn.Module):
         self.pos_embed = self.param("pos_embed", nn.initializers.truncated_normal(0.02),
                                     (1, 1 + self.num_patches, d), jnp.float32)
         # A list attribute names its modules blocks_0, blocks_1, ... (torch blocks.0, ...).
+        block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         self.blocks = [
-            Block(self.num_heads, self.mlp_ratio, self.init_values,
+            block_cls(self.num_heads, self.mlp_ratio, self.init_values,
                   self.drop_path_rate * i / max(self.depth - 1, 1), self.dtype,
                   self.attention)
             for i in range(self.depth)]
@@ -221,7 +225,7 @@ class VisionTransformer(nn.Module):
     def encode(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
         """Transformer blocks + final norm -> all tokens (B, N, D)."""
         for block in self.blocks:
-            tokens = block(tokens, train=train)
+            tokens = block(tokens, train)
         return self.norm(tokens)
 
     def __call__(self, x: jax.Array, *, train: bool = False,

@@ -1,0 +1,131 @@
+"""The BENCHMARKS.md "Pod plans" table: `softcon_jax.plan` for each model x batch x slice.
+
+    python benchmarks/pod_plans.py --json pod_plans.json [--table pod_plans.md]
+        [--only v5litepod-64] [--multiples 1,4,16] [--timeout 1500]
+
+Each row is one `python -m softcon_jax.plan` process (needs libtpu: `pip install -e .[tpu]`).
+A row that does not fit is compiled again with `config.model.remat=True`, then also with
+`config.mesh.fsdp=4`, and the table names the first setting that fits. Results are written
+to the JSON after every row, and a run with the same --json skips the rows it holds, so an
+interrupted run goes on where it stopped. Rows not compiled are listed with their command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+MODELS = {  # name: (config, recipe global batch)
+    "SoftCon ViT-S/14": ("configs/softcon.py:vits14,s2c", 4096),
+    "SoftCon ViT-B/14": ("configs/softcon.py:vitb14,s2c", 4096),
+    "SoftCon RN50": ("configs/softcon.py:rn50,s2c", 4096),
+    "SeCo RN50": ("configs/seco.py:rn50", 256),
+}
+SLICES = ("v5litepod-64", "v4-64", "v5p-128", "v5litepod-256")
+KNOBS = ((), ("--config.model.remat=True",),
+         ("--config.model.remat=True", "--config.mesh.fsdp=4"))
+
+
+def row_key(model: str, multiple: int, slice_: str) -> str:
+    return f"{model} | x{multiple} | {slice_}"
+
+
+def command(model: str, multiple: int, slice_: str, knobs=()) -> list[str]:
+    config, batch = MODELS[model]
+    return [sys.executable, "-m", "softcon_jax.plan", "--config", config,
+            "--accelerator-type", slice_, f"--config.global_batch_size={batch * multiple}",
+            *knobs]
+
+
+def run_row(model, multiple, slice_, timeout) -> dict:
+    first = None  # the default setting's report, when no setting fits
+    for knobs in KNOBS:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "plan.json")
+            t0 = time.time()
+            try:
+                res = subprocess.run(["nice", "-n", "10", *command(model, multiple, slice_,
+                                                                   knobs), "--json", out],
+                                     capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return {"status": f"not compiled within {timeout} s here", "knobs": list(knobs)}
+            if not os.path.exists(out):
+                tail = (res.stderr.strip().splitlines() or ["?"])[-1]
+                return {"status": f"failed: {tail[:200]}", "knobs": list(knobs)}
+            with open(out) as f:
+                report = json.load(f)
+        report.update(knobs=list(knobs), wall_s=round(time.time() - t0, 1))
+        if report["fits"]:
+            return report
+        first = first or report
+    return {**first, "knobs": ["none of: " + "; ".join(" ".join(k) or "default"
+                                                      for k in KNOBS)]}
+
+
+def table(results: dict, multiples, slices) -> str:
+    head = ("| model | global batch | slice | fits? | GiB/chip | TFLOP/chip/step | roofline "
+            "img/s/chip | collective MiB/chip/step | ratio to minimum | knobs needed |\n"
+            "|---|---:|---|---|---:|---:|---:|---:|---:|---|")
+    rows = [head]
+    for model, (_, batch) in MODELS.items():
+        for m in multiples:
+            for s in slices:
+                r = results.get(row_key(model, m, s))
+                cmd = " ".join(command(model, m, s)[1:]).replace(sys.executable, "python")
+                if r is None:
+                    rows.append(f"| {model} | {batch * m} | {s} | not compiled here "
+                                f"(command: `python {cmd}`) | | | | | | |")
+                elif "status" in r:
+                    rows.append(f"| {model} | {batch * m} | {s} | {r['status']} | | | | | | |")
+                elif r["memory_bytes"] is None:
+                    rows.append(f"| {model} | {batch * m} | {s} | no ({r.get('required_gib')} "
+                                f"GiB needed) | | | | | | {r['knobs'][0]} |")
+                else:
+                    mem = r["memory_bytes"]["total"] / 2**30
+                    rows.append(
+                        f"| {model} | {batch * m} | {s} | {'yes' if r['fits'] else 'no'} | "
+                        f"{mem:.2f} | {r['flops_per_device'] / 1e12:.2f} | "
+                        f"{r['roofline_images_per_s_per_device']:.0f} | "
+                        f"{r['collective_bytes'] / 2**20:.1f} | {r['collective_ratio']:.2f} | "
+                        f"{' '.join(r['knobs']) or 'none'} |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", default="pod_plans.json")
+    p.add_argument("--table", default=None, help="Also write the markdown table here.")
+    p.add_argument("--only", default=",".join(SLICES), help="Comma-separated slices.")
+    p.add_argument("--models", default=",".join(MODELS), help="Comma-separated models.")
+    p.add_argument("--multiples", default="1,4,16")
+    p.add_argument("--timeout", type=int, default=1500, help="Seconds per compile.")
+    p.add_argument("--render-only", action="store_true", help="Only print the table.")
+    a = p.parse_args(argv)
+    multiples = [int(m) for m in a.multiples.split(",")]
+    slices = a.only.split(",")
+    results = json.load(open(a.json)) if os.path.exists(a.json) else {}
+    # Recipe batch on every slice first, then the larger batches.
+    todo = [(model, m, s) for m in multiples for s in slices for model in a.models.split(",")]
+    for model, m, s in ([] if a.render_only else todo):
+        key = row_key(model, m, s)
+        if key in results:
+            continue
+        print(f"{key} ...", file=sys.stderr, flush=True)
+        results[key] = run_row(model, m, s, a.timeout)
+        with open(a.json + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(a.json + ".tmp", a.json)
+    text = table(results, [1, 4, 16], list(SLICES))
+    print(text)
+    if a.table:
+        with open(a.table, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
