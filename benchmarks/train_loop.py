@@ -82,9 +82,9 @@ def main(argv=None) -> int:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
-    from softcon_jax import metrics
+    from softcon_jax import logs
 
-    metrics.quiet_library_logs()
+    logs.quiet_library_logs()
     with tempfile.TemporaryDirectory() as tmp:
         data_path = args.data or os.path.join(tmp, "data")
         times = {p: [] for p in args.prefetch}

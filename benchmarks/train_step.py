@@ -1,7 +1,7 @@
 """Speed of one pretraining step (JAX): images/s, step time, compile time, memory, MFU.
 
 For each case (SoftCon RN50 / ViT-S/14 / ViT-B/14 on 13 bands, SeCo RN18 / RN50 on RGB, at
-224 px) the script builds the trainer's own state and step (`softcon_jax.train`: the same
+224 px) the script builds the trainer's own state and step (`softcon_jax.state`, `.step`: the same
 sharding, donation, loss, optimizer and EMA/queue updates), feeds one random batch that is
 placed on the devices once (`sharding.host_batch_to_global`), so only the step is measured,
 and reports:
@@ -188,7 +188,9 @@ def measure_case(case: str, dtype: str, args, devices) -> dict:
     import jax
     import numpy as np
 
-    from softcon_jax import data, methods, optim, sharding, train
+    from softcon_jax import data, methods, optim, sharding
+    from softcon_jax.state import create_train_state
+    from softcon_jax.step import jit_train_step
 
     n_dev = len(devices)
     local = [d for d in devices if d.process_index == jax.process_index()]
@@ -200,14 +202,14 @@ def measure_case(case: str, dtype: str, args, devices) -> dict:
     mesh = sharding.make_mesh(config.mesh, devices)
     method = methods.get(config.method)(config, mesh)
     tx, schedule = optim.make_optimizer(config)
-    init_fn, rng, _, shardings = train.create_train_state(config, method, tx, mesh)
+    init_fn, rng, _, shardings = create_train_state(config, method, tx, mesh)
     state = jax.block_until_ready(init_fn(rng))
     # As the trainer: views in config.data.dtype, else the model's compute dtype.
     view_dtype = data.view_dtype(config.data.get("dtype") or config.model.dtype)
     host_batch = _random_batch(method, args.per_device_batch * len(local), view_dtype)
     batch = jax.block_until_ready(sharding.host_batch_to_global(host_batch, mesh))
 
-    step_fn = train.jit_train_step(config, method, tx, schedule, mesh, shardings)
+    step_fn = jit_train_step(config, method, tx, schedule, mesh, shardings)
     t0 = time.perf_counter()
     lowered = step_fn.lower(state, batch)
     t1 = time.perf_counter()
