@@ -119,11 +119,18 @@ def build_backbone(name: str, *, in_channels: int, dtype: Any = jnp.float32,
     unknown = sorted(set(kwargs) - spec.fields)
     if unknown:
         raise UserValueError(f"build_backbone({name!r}): unknown argument(s) {unknown} "
-                         f"(config.model.backbone_kwargs); accepted: {sorted(spec.fields)}.")
+                             f"(config.model.backbone_kwargs); accepted: "
+                             f"{sorted(spec.fields)}.")
     fields = {**spec.defaults, **kwargs}
     # Sequences must be tuples: modules are hashed and compared as jit static arguments.
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     if in_channels < 1:
-        raise UserValueError(f"build_backbone({name!r}): in_channels must be >= 1, got {in_channels}.")
+        raise UserValueError(f"build_backbone({name!r}): in_channels must be >= 1, got "
+                             f"{in_channels}.")
+    if "remat" in spec.module.__dataclass_fields__:
+        fields["remat"] = bool(remat)
+    elif remat:  # a user backbone without the field
+        raise UserValueError(f"config.model.remat=True: backbone {name!r} "
+                             f"({spec.module.__name__}) has no 'remat' field.")
     return spec.module(arch=name, in_channels=int(in_channels), dtype=dtype,
-                       bn_groups=int(bn_groups), remat=bool(remat), **fields)
+                       bn_groups=int(bn_groups), **fields)
