@@ -33,7 +33,7 @@ def _default_bands(in_channels: int, where: str) -> list[str]:
     defaults = {13: normalize.S2C_BANDS, 12: normalize.S2A_BANDS, 2: ["VV", "VH"]}
     if in_channels not in defaults:
         raise UserValueError(f"{where}: no band order recorded and no default for "
-                         f"{in_channels} input channels; pass --bands.")
+                             f"{in_channels} input channels; pass --bands.")
     log.warning("%s: no band order recorded; assuming %s.", where, defaults[in_channels])
     return list(defaults[in_channels])
 
@@ -41,7 +41,7 @@ def _default_bands(in_channels: int, where: str) -> list[str]:
 def _checked_bands(bands: list[str], model: Any, where: str) -> list[str]:
     if len(bands) != model.in_channels:
         raise UserValueError(f"{where}: band order {list(bands)} has {len(bands)} bands but the "
-                         f"model has {model.in_channels} input channels.")
+                             f"model has {model.in_channels} input channels.")
     return [canonical_band(b) for b in bands]
 
 
@@ -50,14 +50,14 @@ def _make_normalizer(name: str | None, stats: Any, bands: list[str], where: str,
                      ) -> normalize.Normalizer:
     if not name:
         raise UserValueError(f"{where}: no input normalisation recorded; pass --normalization "
-                         f"(one of {normalize.METHODS}) and --stats.")
+                             f"(one of {normalize.METHODS}) and --stats.")
     if isinstance(stats, str) and stats in normalize.STATS:
         return normalize.make_normalizer(name, stats, bands, quantize=quantize)
     if per_band:  # measured statistics recorded in the sidecar
         return normalize.make_normalizer(name, dict(per_band), bands, quantize=quantize)
     raise UserValueError(f"{where}: normalisation stats {stats!r} are not a preset "
-                     f"({sorted(normalize.STATS)}) and no per-band table is recorded; "
-                     f"pass --stats.")
+                         f"({sorted(normalize.STATS)}) and no per-band table is recorded; "
+                         f"pass --stats.")
 
 
 def _input_scale(stats: Any, data_dtype: str | None) -> float:
@@ -148,7 +148,7 @@ def load_from_weights(path: str, *, normalization: str | None = None,
     size = img_size or meta.get("img_size") or 224
     if vit and meta.get("img_size") and img_size and img_size != meta["img_size"]:
         raise UserValueError(f"--img-size {img_size}: {arch} in {path} was built for "
-                         f"img_size={meta['img_size']}.")
+                             f"img_size={meta['img_size']}.")
     model, variables = interop.import_torch(path, arch, in_chans, img_size=int(size),
                                             **_arch_kwargs(meta.get("timm_kwargs", {})))
     where = f"--weights {path} ({sidecar_path})"

@@ -39,15 +39,15 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
             f"config.mesh has unknown axes {sorted(unknown)}; the mesh axes are {MESH_AXES}.")
     if fsdp < 1 or (data < 1 and data != -1):
         raise UserValueError(f"config.mesh: axis sizes must be positive (data may be -1), got "
-                         f"data={data}, fsdp={fsdp}.")
+                             f"data={data}, fsdp={fsdp}.")
     if data == -1:
         if len(devices) % fsdp:
             raise UserValueError(f"config.mesh.fsdp={fsdp} does not divide the {len(devices)} "
-                             "available devices.")
+                                 "available devices.")
         data = len(devices) // fsdp
     if data * fsdp != len(devices):
         raise UserValueError(f"config.mesh asks for data={data} x fsdp={fsdp} = {data * fsdp} "
-                         f"devices, but {len(devices)} are available.")
+                             f"devices, but {len(devices)} are available.")
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     if slices > 1:
         # Multislice: `data` spans the slices (DCN), `fsdp` stays inside a slice (ICI).

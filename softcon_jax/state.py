@@ -48,7 +48,7 @@ def validate(config, mesh):
                                      key="config.global_batch_size / config.grad_accum_steps")
         if config.global_batch_size % accum:
             raise UserValueError(f"config.global_batch_size={config.global_batch_size} is not "
-                             f"divisible by config.grad_accum_steps={accum}.")
+                                 f"divisible by config.grad_accum_steps={accum}.")
     compute_dtype(config)  # config.model.dtype
     losses.check_options(config.loss.name, config.loss.get("kwargs"),
                          framework=("temperature", "num_chunks", "row_offset"))
@@ -60,7 +60,7 @@ def validate(config, mesh):
         raise UserValueError(f"config.nonfinite={config.nonfinite!r}; expected 'stop' or 'skip'.")
     if config.global_batch_size % jax.process_count():
         raise UserValueError(f"config.global_batch_size={config.global_batch_size} is not "
-                         f"divisible by the {jax.process_count()} processes.")
+                             f"divisible by the {jax.process_count()} processes.")
 
 
 def create_train_state(config, method, tx, mesh):

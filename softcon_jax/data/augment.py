@@ -71,11 +71,11 @@ class AugmentParams:
     def __post_init__(self):
         if self.jitter_order not in JITTER_ORDERS:
             raise UserValueError(f"data_config.augment.jitter_order={self.jitter_order!r}: "
-                             f"expected one of {JITTER_ORDERS}")
+                                 f"expected one of {JITTER_ORDERS}")
         if self.hue and not self.rgb:
             raise UserValueError(f"data_config.augment.hue={self.hue} needs RGB input (bands "
-                             f"B4, B3, B2, or data_config.augment.rgb=True); set "
-                             f"data_config.augment.hue=0 for other band sets")
+                                 f"B4, B3, B2, or data_config.augment.rgb=True); set "
+                                 f"data_config.augment.hue=0 for other band sets")
         if not 0 <= self.hue <= 0.5:
             raise UserValueError(f"data_config.augment.hue={self.hue}: expected 0 <= hue <= 0.5")
 

@@ -184,8 +184,8 @@ def make_normalizer(method: str, stats: str | dict, bands: list[str],
         raise UserValueError(f"data_config.normalization={method!r}: expected one of {METHODS}")
     if quantize and method == "zscore":
         raise UserValueError("data_config.quantize_uint8=True needs a clipping normalisation "
-                         "('softcon' or 'seco_quantile'), not data_config.normalization="
-                         "'zscore' (which has no [0, 255] range to quantise)")
+                             "('softcon' or 'seco_quantile'), not data_config.normalization="
+                             "'zscore' (which has no [0, 255] range to quantise)")
     if isinstance(stats, dict):
         table, stats = stats, "dataset"
         if method == "seco_quantile":  # measured quantiles, output in [0, 1]
@@ -193,7 +193,7 @@ def make_normalizer(method: str, stats: str | dict, bands: list[str],
                      for b, r in table.items()}
     elif stats not in STATS:
         raise UserValueError(f"data_config.stats={stats!r}: expected one of "
-                         f"{sorted(STATS) + ['dataset']}")
+                             f"{sorted(STATS) + ['dataset']}")
     else:
         table = STATS[stats]
     missing = [b for b in bands if b not in table]
@@ -209,7 +209,7 @@ def make_normalizer(method: str, stats: str | dict, bands: list[str],
     if method == "seco_quantile":
         if any("lo" not in r for r in rows):
             raise UserValueError(f"data_config.stats={stats!r} has no quantiles (lo/hi) for "
-                             f"data_config.normalization='seco_quantile'; use stats='seco'")
+                                 f"data_config.normalization='seco_quantile'; use stats='seco'")
         lo = np.array([r["lo"] for r in rows], np.float32)
         hi = np.array([r["hi"] for r in rows], np.float32)
         mean = np.array([r["mean"] for r in rows], np.float32)
@@ -220,7 +220,7 @@ def make_normalizer(method: str, stats: str | dict, bands: list[str],
                           quantize=quantize, low=lo64, high=hi64)
     if any("lo" in r for r in rows):
         raise UserValueError(f"data_config.stats={stats!r} is for 'seco_quantile', "
-                         f"not data_config.normalization={method!r}")
+                             f"not data_config.normalization={method!r}")
     mean = np.array([r["mean"] for r in rows], np.float32)
     std = np.array([r["std"] for r in rows], np.float32)
     if method == "zscore":

@@ -98,7 +98,7 @@ def build_views_transform(data_config: Any, meta: dict, meta_path: str,
     name = views or data_config.get("views")
     if not name:
         raise UserValueError("data_config.views is not set: name the view builder (one of "
-                         f"{available_views()}); the trainer uses config.method.")
+                             f"{available_views()}); the trainer uses config.method.")
     cls = VIEWS.get(name) if isinstance(name, str) else name
     stored = meta.get("image_size")
     if stored and int(data_config.image_size) > int(stored) and not data_config.get(
@@ -159,7 +159,7 @@ def build_dataset(data_config: Any, *, global_batch_size: int, seed: int,
     """
     if global_batch_size % process_count:
         raise UserValueError(f"global_batch_size={global_batch_size} is not divisible by "
-                         f"process_count={process_count}")
+                             f"process_count={process_count}")
     if not 0 <= process_index < process_count:
         raise UserValueError(f"process_index={process_index} not in [0, {process_count})")
     dataset = open_dataset(data_config.path)

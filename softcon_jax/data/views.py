@@ -78,7 +78,7 @@ def resolve_augment(views: str | type, overrides: Any,
             continue
         if not hasattr(base, key):
             raise UserValueError(f"data_config.augment.{key} is not an augmentation option "
-                             f"(known: {sorted(augment.AugmentParams.__dataclass_fields__)})")
+                                 f"(known: {sorted(augment.AugmentParams.__dataclass_fields__)})")
         if key in ("crop_scale", "crop_ratio", "blur_sigma", "blur_prob", "luma_weights"):
             value = tuple(float(v) for v in np.atleast_1d(value))
         values[key] = value
@@ -87,7 +87,7 @@ def resolve_augment(views: str | type, overrides: Any,
         rgb = base.rgb if bands is None else tuple(bands) == RGB_BANDS
     elif rgb and bands is not None and len(bands) != 3:
         raise UserValueError(f"data_config.augment.rgb=True needs 3 bands (R, G, B), got "
-                         f"{len(bands)}: {list(bands)}")
+                             f"{len(bands)}: {list(bands)}")
     if not rgb and "hue" not in values:
         values["hue"] = 0.0
     return augment.AugmentParams(**{**base.__dict__, **values, "rgb": bool(rgb)})
@@ -137,7 +137,7 @@ class Views(grain.transforms.RandomMap):
         self.season_sampling = season_sampling or self.default_season_sampling
         if self.season_sampling not in SEASON_SAMPLINGS:
             raise UserValueError(f"data_config.season_sampling={self.season_sampling!r}: "
-                             f"expected one of {SEASON_SAMPLINGS}")
+                                 f"expected one of {SEASON_SAMPLINGS}")
         if augment_on not in AUGMENT_ON:
             raise UserValueError(f"config.data.augment_on={augment_on!r}: expected one of "
                                  f"{AUGMENT_ON}")

@@ -140,7 +140,7 @@ class OnlineKNN:
         missing = [b for b in bands if b not in meta["bands"]]
         if missing:
             raise UserValueError(f"config.eval.data_path={cfg.data_path!r}: bands {missing} of "
-                             f"the training data are not in {meta_path} ({meta['bands']}).")
+                                 f"the training data are not in {meta_path} ({meta['bands']}).")
         index = np.array([meta["bands"].index(b) for b in bands], np.intp)
 
         want = int(cfg.num_train) + int(cfg.num_val)
@@ -149,7 +149,7 @@ class OnlineKNN:
         if len(samples) < want:
             if len(samples) < 2:
                 raise UserValueError(f"config.eval.data_path={cfg.data_path!r}: "
-                                 f"{len(samples)} labelled locations; need at least 2.")
+                                     f"{len(samples)} labelled locations; need at least 2.")
             n_train = len(samples) - max(1, len(samples) // 5)
             logging.warning("Online kNN: %s has %d labelled locations, fewer than "
                             "config.eval.num_train + num_val = %d; using %d / %d.",

@@ -125,7 +125,7 @@ def _ben19_matrix(names: list[str]) -> np.ndarray:
     unknown = sorted(set(BEN43_TO_19) - set(names))
     if unknown:
         raise UserValueError(f"bigearthnet: TFDS label names lack {unknown}; cannot map to the "
-                         "19-class nomenclature (use --label-set 43).")
+                             "19-class nomenclature (use --label-set 43).")
     m = np.zeros((len(names), len(BEN19_CLASSES)), np.float32)
     for i, n in enumerate(names):
         if n in BEN43_TO_19:
@@ -193,7 +193,7 @@ class FeatureExtractor:
     def __init__(self, backbone: Backbone, batch_size: int):
         if backbone.features_fn is None:
             raise UserValueError("Backbone.features_fn is None; build the Backbone with "
-                             "softcon_jax.pretrained (or pass a feature function).")
+                                 "softcon_jax.pretrained (or pass a feature function).")
         devices = jax.local_devices()
         self.mesh = Mesh(np.array(devices), ("batch",))
         self.batch_size = -(-batch_size // len(devices)) * len(devices)
@@ -264,7 +264,7 @@ def extract_split(spec: DatasetSpec, split: str, backbone: Backbone, opts: EvalO
     if fraction < 1.0:
         if n < 0:
             raise UserValueError(f"{spec.name} {split}: unknown size; cannot subsample "
-                             f"--train-fraction={fraction}.")
+                                 f"--train-fraction={fraction}.")
         mask = _subsample_mask(n, fraction, opts.seed)
         keep = tf.constant(mask)
 

@@ -73,13 +73,13 @@ def check_options(fn: Callable[..., Any] | str, options: Mapping[str, Any] | Non
     for option in options or {}:
         if option in framework:
             raise UserValueError(f"{key}.{option}: set by the framework, not an option of loss "
-                             f"{_describe(fn)}; options it accepts: "
-                             f"{', '.join(accepted) or 'none'}.")
+                                 f"{_describe(fn)}; options it accepts: "
+                                 f"{', '.join(accepted) or 'none'}.")
         if not var_kw and option not in names:
             hint = close_match(option, accepted)
             raise UserValueError(f"{key}.{option}: loss {_describe(fn)} has no option "
-                             f"{option!r}.{f' Did you mean {hint!r}?' if hint else ''} "
-                             f"Options it accepts: {', '.join(accepted) or 'none'}.")
+                                 f"{option!r}.{f' Did you mean {hint!r}?' if hint else ''} "
+                                 f"Options it accepts: {', '.join(accepted) or 'none'}.")
 
 
 def call(fn: Callable[..., Any] | str, *args: Any,

@@ -40,7 +40,7 @@ def compute_dtype(config):
     names = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if config.model.dtype not in names:
         raise UserValueError(f"config.model.dtype={config.model.dtype!r}; expected one of "
-                         f"{sorted(names)}.")
+                             f"{sorted(names)}.")
     return names[config.model.dtype]
 
 

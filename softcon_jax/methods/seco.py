@@ -104,8 +104,8 @@ class SeCo:
         self.queue_size = int(config.loss.get("queue_size", 0))
         if self.queue_size and self.queue_size % config.global_batch_size:
             raise UserValueError(f"config.loss.queue_size={self.queue_size} must be a multiple of "
-                             f"config.global_batch_size={config.global_batch_size} (FIFO "
-                             "enqueue of whole batches, as in MoCo).")
+                                 f"config.global_batch_size={config.global_batch_size} (FIFO "
+                                 "enqueue of whole batches, as in MoCo).")
 
     views = SeCoViews  # the batch contract: what the data pipeline yields per sample
 

@@ -86,7 +86,7 @@ class SoftCon:
         self.mask_ratio = float(m.get("mask_ratio", 0.0))
         if self.mask_ratio and not hasattr(self.backbone, "num_patches"):
             raise UserValueError(f"config.model.mask_ratio={self.mask_ratio} needs a ViT backbone; "
-                             f"{m.backbone!r} has no patch tokens.")
+                                 f"{m.backbone!r} has no patch tokens.")
 
     views = SoftConViews  # the batch contract: what the data pipeline yields per sample
 

@@ -52,7 +52,7 @@ class TorchLayout:
     def check_export(self, model: Any, format: str) -> None:
         if format not in self.formats:
             raise UserValueError(f"export format {format!r} is not available for {model.arch}; "
-                             f"available: {', '.join(self.formats)}.")
+                                 f"available: {', '.join(self.formats)}.")
 
     def export_extras(self, model: Any, format: str, state_dict: dict, sidecar: dict) -> None:
         """Adds format-specific keys to the exported state dict and sidecar."""
