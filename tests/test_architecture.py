@@ -159,7 +159,7 @@ def test_modules_stay_small_or_say_why():
 
 
 def test_no_references_to_documents_outside_the_repository():
-    pattern = re.compile(r"REFERENCE\.md|REFERENCE §|\bissues? #?\d+\b", re.I)
+    pattern = re.compile(r"REFERENCE\.md|REFERENCE\s§|\bissues? #?\d+\b", re.I)
     offenders = []
     for top in ("softcon_jax", "configs", "data_prep", "tests", "benchmarks", "launch"):
         for root, _, files in os.walk(os.path.join(ROOT, top)):
