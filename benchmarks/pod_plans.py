@@ -113,8 +113,8 @@ def main(argv=None):
     todo = [(model, m, s) for m in multiples for s in slices for model in a.models.split(",")]
     for model, m, s in ([] if a.render_only else todo):
         key = row_key(model, m, s)
-        if key in results:
-            continue
+        if key in results and "status" not in results[key]:
+            continue  # compiled before; a row that timed out or failed is tried again
         print(f"{key} ...", file=sys.stderr, flush=True)
         results[key] = run_row(model, m, s, a.timeout)
         with open(a.json + ".tmp", "w") as f:

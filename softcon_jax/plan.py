@@ -90,67 +90,6 @@ def parse_accelerator_type(text: str) -> tuple[Chip, int, str]:
     return chip, n, f"{chip.topology_prefix}:{table[n]}"
 
 
-# ==== Collectives in the compiled HLO =====================================================
-
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
-               "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
-                "f8e4m3fn": 1, "f8e5m2": 1}
-_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
-_OP = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-
-
-def _arrays(shape_text: str) -> list[int]:
-    out = []
-    for dtype, dims in _ARRAY.findall(shape_text):
-        if dtype in _DTYPE_BYTES:
-            out.append(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d))
-    return out
-
-
-def collectives(hlo_text: str) -> list[dict]:
-    """[{kind, count, bytes}] per chip: each op's result bytes (async starts counted once).
-
-    An async `*-start` result is a tuple (operands, results[, context]); its bytes are the
-    results' half. Ops inside a loop body are counted once per appearance, not per trip.
-    """
-    totals = {k: [0, 0] for k in COLLECTIVES}
-    for line in hlo_text.splitlines():
-        m = _OP.search(line)
-        if not m:
-            continue
-        sizes = _arrays(m.group(1))
-        if m.group(3) and m.group(1).startswith("(") and m.group(2) != "all-reduce":
-            sizes = [s for s in sizes if s > 4]  # drop u32[] contexts
-            sizes = sizes[len(sizes) // 2:]
-        totals[m.group(2)][0] += 1
-        totals[m.group(2)][1] += sum(sizes)
-    return [{"kind": k, "count": c, "bytes": b} for k, (c, b) in totals.items() if c]
-
-
-def gathered_bytes(jaxpr) -> int:
-    """Bytes of every `all_gather` the program asks for (the loss's embeddings and labels)."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "all_gather":
-            total += sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize for v in eqn.outvars)
-        for sub in jax_core_subjaxprs(eqn):
-            total += gathered_bytes(sub)
-    return total
-
-
-def jax_core_subjaxprs(eqn):
-    import jax
-
-    for param in eqn.params.values():
-        for p in (param if isinstance(param, (tuple, list)) else (param,)):
-            if isinstance(p, jax.extend.core.ClosedJaxpr):
-                yield p.jaxpr
-            elif isinstance(p, jax.extend.core.Jaxpr):
-                yield p
-
-
 # ==== The plan ============================================================================
 
 _OOM = re.compile(r"required for [^(]*\(([\d.]+)([KMGT])\) exceeds available HBM "
@@ -185,6 +124,7 @@ def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | Non
 
     jax.config.update("jax_platforms", "cpu")
     from softcon_jax import data, methods, optim, sharding, state, step
+    from softcon_jax.hlo import collectives, gathered_bytes
     from softcon_jax.registry import import_modules
 
     chip, n_chips, topology = parse_accelerator_type(accelerator_type)
@@ -251,10 +191,14 @@ def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | Non
     if hlo_path:
         with open(hlo_path, "w") as out:
             out.write(hlo)
-    colls = collectives(hlo)
+    colls, bn_bytes, unknown_loops = collectives(hlo, by_scope=True)
     sent = sum(c["bytes"] for c in colls)
-    # Data-parallel minimum: the float32 gradients once, plus what the loss gathers.
-    minimum = param_bytes + gathered_bytes(jaxpr.jaxpr)
+    # Data-parallel minimum: the float32 gradients once, what the loss gathers, and the
+    # statistics a synchronised batch norm must exchange (as sent: two-pass mean/variance
+    # forward, their gradients backward; zero for models without BN or with per-device BN).
+    minimum_parts = {"gradients": param_bytes, "gathered": gathered_bytes(jaxpr.jaxpr),
+                     "batch_norm_statistics": bn_bytes}
+    minimum = sum(minimum_parts.values())
     step_s = max(flops / chip.peak_bf16_flops, hbm_traffic / chip.hbm_bytes_per_s)
     report.update(
         fits=memory["total"] <= chip.hbm_bytes, memory_bytes=memory,
@@ -263,6 +207,7 @@ def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | Non
         roofline_images_per_s_per_device=(report["per_device_batch"] / step_s
                                           if step_s else None),
         collectives=colls, collective_bytes=sent, min_collective_bytes=minimum,
+        min_collective_parts=minimum_parts, loops_with_unknown_trip_count=unknown_loops,
         collective_ratio=round(sent / minimum, 3) if minimum else None,
         collective_s_at_ici=sent / chip.ici_bytes_per_s)
     return report
@@ -310,10 +255,15 @@ def format_report(r: dict) -> str:
                  f"{r['roofline_images_per_s_per_device']:.0f} img/s/chip")
     for c in r["collectives"]:
         lines.append(f"  {c['kind']:<18} x{c['count']:<4} {c['bytes'] / 2**20:10.2f} MiB/chip")
+    parts = ", ".join(f"{name.replace('_', ' ')} {n / 2**20:.2f}"
+                      for name, n in r["min_collective_parts"].items())
     lines.append(f"collectives: {r['collective_bytes'] / 2**20:.2f} MiB/chip/step; "
                  f"data-parallel minimum {r['min_collective_bytes'] / 2**20:.2f} MiB "
-                 f"(ratio {r['collective_ratio']}); {r['collective_s_at_ici'] * 1e3:.3g} ms "
-                 "at the chip's ICI bandwidth")
+                 f"({parts}), ratio {r['collective_ratio']}; "
+                 f"{r['collective_s_at_ici'] * 1e3:.3g} ms at the chip's ICI bandwidth")
+    if r.get("loops_with_unknown_trip_count"):
+        lines.append(f"  ({r['loops_with_unknown_trip_count']} loops with collectives have "
+                     "an unknown trip count and are counted once)")
     return "\n".join(lines)
 
 

@@ -16,6 +16,9 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+# Names the batch-norm statistics (and, under a sharded batch, the all-reduces XLA makes of
+# them) in the compiled program, where `softcon_jax.hlo` counts them.
+BN_STATISTICS_SCOPE = "bn_statistics"
 
 # torch.nn.Linear / Conv default init: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -67,9 +70,10 @@ class BatchNorm(nn.Module):
                 raise ValueError(f"BatchNorm in train mode needs more than one value per "
                                  f"channel and group; got input {x.shape} with "
                                  f"bn_groups={groups}. Use a larger batch or fewer groups.")
-            mean = jnp.mean(xg, axis=axes, keepdims=True)
-            # Two-pass variance: E[(x - mean)^2] is more accurate than E[x^2] - mean^2.
-            var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+            with jax.named_scope(BN_STATISTICS_SCOPE):
+                mean = jnp.mean(xg, axis=axes, keepdims=True)
+                # Two-pass variance: E[(x - mean)^2] is more accurate than E[x^2] - mean^2.
+                var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
             y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
             if not self.is_initializing():
                 m = self.momentum
