@@ -47,17 +47,59 @@ def test_missing_labels_mean_unlabelled():
     assert not out["labels"].any() and not out["has_label"].any()
 
 
-def test_record_is_plain_msgpack_with_version():
-    obj = msgpack.unpackb(records.encode(_example()), raw=False)
+def _header(raw: bytes) -> dict:
+    """The layout the module docstring documents: magic, u32 LE length, msgpack header."""
+    assert raw[:4] == b"SCJR"
+    return msgpack.unpackb(raw[8:8 + int.from_bytes(raw[4:8], "little")], raw=False)
+
+
+def _with_header(raw: bytes, header: dict) -> bytes:
+    """`raw` with its header replaced; the arrays stay at their offsets."""
+    packed = msgpack.packb(header, use_bin_type=True)
+    start = header["image"]["offset"]  # the first array
+    assert 8 + len(packed) <= start
+    return (b"SCJR" + len(packed).to_bytes(4, "little") + packed
+            + bytes(start - 8 - len(packed)) + raw[start:])
+
+
+def test_record_is_a_msgpack_header_and_aligned_array_bytes():
+    ex = _example()
+    raw = records.encode(ex)
+    obj = _header(raw)
     assert obj["schema"] == records.SCHEMA_NAME and obj["version"] == records.SCHEMA_VERSION
     assert obj["image"]["dtype"] == "<u2" and obj["image"]["shape"] == [4, 13, 8, 8]
+    for name in ("image", "labels", "has_label"):
+        assert obj[name]["offset"] % 64 == 0
+    start = obj["image"]["offset"]
+    stored = np.frombuffer(raw[start:start + ex["image"].nbytes], "<u2").reshape(4, 13, 8, 8)
+    np.testing.assert_array_equal(stored, ex["image"])
+    out = records.decode(raw)  # a view of the record bytes, not a copy
+    assert np.shares_memory(out["image"], np.frombuffer(raw, np.uint8))
+    assert not out["image"].flags.writeable
+
+
+def test_version_1_records_are_still_read():
+    ex = _example()
+    v1 = msgpack.packb({
+        "schema": records.SCHEMA_NAME, "version": 1, "location": ex["location"],
+        "seasons": ex["seasons"],
+        "image": {"dtype": "<u2", "shape": list(ex["image"].shape),
+                  "data": ex["image"].astype("<u2").tobytes()},
+        "labels": {"dtype": "|u1", "shape": [4, 9], "data": ex["labels"].tobytes()},
+        "has_label": {"dtype": "|b1", "shape": [4], "data": ex["has_label"].tobytes()},
+    }, use_bin_type=True)
+    out = records.decode(v1)
+    np.testing.assert_array_equal(out["image"], ex["image"])
+    np.testing.assert_array_equal(out["labels"], ex["labels"])
+    assert out["seasons"] == ex["seasons"]
 
 
 def test_other_version_is_rejected_with_clear_message():
-    obj = msgpack.unpackb(records.encode(_example()), raw=False)
+    raw = records.encode(_example())
+    obj = _header(raw)
     obj["version"] = 99
     with pytest.raises(records.RecordError, match="version 99"):
-        records.decode(msgpack.packb(obj, use_bin_type=True))
+        records.decode(_with_header(raw, obj))
 
 
 def test_pickle_and_garbage_are_rejected():
@@ -68,14 +110,13 @@ def test_pickle_and_garbage_are_rejected():
 
 
 def test_object_dtype_and_truncated_data_are_rejected():
-    obj = msgpack.unpackb(records.encode(_example()), raw=False)
+    raw = records.encode(_example())
+    obj = _header(raw)
     obj["image"]["dtype"] = "|O"
     with pytest.raises(records.RecordError, match="not allowed"):
-        records.decode(msgpack.packb(obj, use_bin_type=True))
-    obj = msgpack.unpackb(records.encode(_example()), raw=False)
-    obj["image"]["data"] = obj["image"]["data"][:-2]
-    with pytest.raises(records.RecordError, match="bytes for shape"):
-        records.decode(msgpack.packb(obj, use_bin_type=True))
+        records.decode(_with_header(raw, obj))
+    with pytest.raises(records.RecordError, match="'has_label'.*bytes at offset"):
+        records.decode(raw[:-2])  # a truncated record (the last array is has_label)
 
 
 def test_encode_checks_shapes():
