@@ -1,7 +1,12 @@
-"""The BENCHMARKS.md "Pod plans" table: `softcon_jax.plan` for each model x batch x slice.
+"""The BENCHMARKS.md "Pod plans" tables: `softcon_jax.plan` for each model x batch x slice.
 
     python benchmarks/pod_plans.py --json pod_plans.json [--table pod_plans.md]
         [--only v5litepod-64] [--multiples 1,4,16] [--timeout 1500]
+
+The grid is compiled as the recipes train: `config.data.augment_on='device'` (the step
+makes the views from the raw 264 px season images). At the recipe batch on v5litepod-64
+each model is compiled once more with `augment_on='host'`; the second table is the
+difference, what the device augmentation costs the chip per step.
 
 Each row is one `python -m softcon_jax.plan` process (needs libtpu: `pip install -e .[tpu]`).
 A row that does not fit is compiled again with `config.model.remat=True`, then also with
@@ -31,26 +36,30 @@ KNOBS = ((), ("--config.model.remat=True",),
          ("--config.model.remat=True", "--config.mesh.fsdp=4"))
 
 
-def row_key(model: str, multiple: int, slice_: str) -> str:
-    return f"{model} | x{multiple} | {slice_}"
+BASELINE_SLICE = "v5litepod-64"  # where the host-augmentation rows are compiled
 
 
-def command(model: str, multiple: int, slice_: str, knobs=()) -> list[str]:
+def row_key(model: str, multiple: int, slice_: str, augment_on: str = "device") -> str:
+    return f"{model} | x{multiple} | {slice_} | {augment_on}"
+
+
+def command(model: str, multiple: int, slice_: str, knobs=(), augment_on="device"
+            ) -> list[str]:
     config, batch = MODELS[model]
     return [sys.executable, "-m", "softcon_jax.plan", "--config", config,
             "--accelerator-type", slice_, f"--config.global_batch_size={batch * multiple}",
-            *knobs]
+            f"--config.data.augment_on={augment_on}", *knobs]
 
 
-def run_row(model, multiple, slice_, timeout) -> dict:
+def run_row(model, multiple, slice_, timeout, augment_on="device") -> dict:
     first = None  # the default setting's report, when no setting fits
     for knobs in KNOBS:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "plan.json")
             t0 = time.time()
             try:
-                res = subprocess.run(["nice", "-n", "10", *command(model, multiple, slice_,
-                                                                   knobs), "--json", out],
+                res = subprocess.run(["nice", "-n", "10", *command(
+                    model, multiple, slice_, knobs, augment_on), "--json", out],
                                      capture_output=True, text=True, timeout=timeout)
             except subprocess.TimeoutExpired:
                 return {"status": f"not compiled within {timeout} s here", "knobs": list(knobs)}
@@ -76,7 +85,7 @@ def table(results: dict, multiples, slices) -> str:
         for m in multiples:
             for s in slices:
                 r = results.get(row_key(model, m, s))
-                cmd = " ".join(command(model, m, s)[1:]).replace(sys.executable, "python")
+                cmd = " ".join(command(model, m, s)[1:])
                 if r is None:
                     rows.append(f"| {model} | {batch * m} | {s} | not compiled here "
                                 f"(command: `python {cmd}`) | | | | | | |")
@@ -96,6 +105,25 @@ def table(results: dict, multiples, slices) -> str:
     return "\n".join(rows)
 
 
+def augmentation_table(results: dict) -> str:
+    """Device views' cost per chip and step: the same step with augment_on host vs device."""
+    rows = ["| model | per-chip batch | TFLOP/chip/step host -> device | HBM GiB accessed "
+            "host -> device | roofline ms/step host -> device | added |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for model in MODELS:
+        host = results.get(row_key(model, 1, BASELINE_SLICE, "host"), {})
+        dev = results.get(row_key(model, 1, BASELINE_SLICE, "device"), {})
+        if not (host.get("memory_bytes") and dev.get("memory_bytes")):
+            continue
+        t = [r["flops_per_device"] / 1e12 for r in (host, dev)]
+        b = [r["hbm_bytes_accessed"] / 2**30 for r in (host, dev)]
+        s = [r["roofline_step_s"] * 1e3 for r in (host, dev)]
+        rows.append(f"| {model} | {dev['per_device_batch']} | {t[0]:.2f} -> {t[1]:.2f} | "
+                    f"{b[0]:.1f} -> {b[1]:.1f} | {s[0]:.1f} -> {s[1]:.1f} | "
+                    f"{(s[1] / s[0] - 1) * 100:+.1f} % |")
+    return "\n".join(rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default="pod_plans.json")
@@ -109,18 +137,23 @@ def main(argv=None):
     multiples = [int(m) for m in a.multiples.split(",")]
     slices = a.only.split(",")
     results = json.load(open(a.json)) if os.path.exists(a.json) else {}
-    # Recipe batch on every slice first, then the larger batches.
-    todo = [(model, m, s) for m in multiples for s in slices for model in a.models.split(",")]
-    for model, m, s in ([] if a.render_only else todo):
-        key = row_key(model, m, s)
+    # Recipe batch on every slice first, with the host-augmentation baselines, then the
+    # larger batches.
+    models = a.models.split(",")
+    todo = [(model, 1, s, "device") for s in slices for model in models]
+    todo += [(model, 1, BASELINE_SLICE, "host") for model in models]
+    todo += [(model, m, s, "device") for m in multiples if m != 1 for s in slices
+             for model in models]
+    for model, m, s, mode in ([] if a.render_only else todo):
+        key = row_key(model, m, s, mode)
         if key in results and "status" not in results[key]:
             continue  # compiled before; a row that timed out or failed is tried again
         print(f"{key} ...", file=sys.stderr, flush=True)
-        results[key] = run_row(model, m, s, a.timeout)
+        results[key] = run_row(model, m, s, a.timeout, mode)
         with open(a.json + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
         os.replace(a.json + ".tmp", a.json)
-    text = table(results, [1, 4, 16], list(SLICES))
+    text = table(results, [1, 4, 16], list(SLICES)) + "\n\n" + augmentation_table(results)
     print(text)
     if a.table:
         with open(a.table, "w") as f:

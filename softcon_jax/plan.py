@@ -114,8 +114,42 @@ def _topology_devices(topology: str, num_slices: int):
         raise
 
 
-def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | None = None
-         ) -> dict:
+def _batch_spec(config, method, stored_image_size: int):
+    """({key: (shape, dtype)} of one sample as the trainer's step receives it, preprocess).
+
+    'host' augmentation: the views. 'device': the raw season images at the stored size and
+    the packed random draws, turned into views inside the step (what the trainer's
+    `data.build_device_views` returns); the band and normalisation metadata come from a
+    one-record synthetic dataset of the config's modality (`config.data.stats`), written to
+    a temporary directory because a plan has no dataset at hand.
+    """
+    import tempfile
+
+    from data_prep import synthetic
+    from softcon_jax import data
+
+    dtype = data.input_dtype(config)
+    if (config.data.get("augment_on") or "host") == "host":
+        return (method.views.element_spec(int(config.data.image_size),
+                                          int(config.data.in_channels), dtype), None)
+    modality = config.data.get("stats")
+    modality = modality if modality in ("s2c", "s2a", "s1", "seco") else None
+    data_config = config.data.copy_and_resolve_references()
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = synthetic.write_dataset(tmp, num_locations=1, num_shards=1,
+                                       image_size=stored_image_size, modality=modality)
+        data_config.path = tmp
+        views = data.build_views_transform(data_config, meta,
+                                           os.path.join(tmp, "metadata.json"), dtype.name,
+                                           method.views)
+    channels = len(views.band_index) if views.band_index is not None else len(meta["bands"])
+    spec = views.device_element_spec((channels, stored_image_size, stored_image_size),
+                                     meta["dtype"])
+    return spec, views.device_views
+
+
+def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | None = None,
+         stored_image_size: int = 264) -> dict:
     """Compiles the train step for the slice; returns the report (see module docstring)."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU metadata server here
     # Several plans (or tests) may run at once; libtpu otherwise locks /tmp/libtpu_lockfile.
@@ -137,13 +171,13 @@ def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | Non
     method = methods.get(config.method)(config, mesh)
     tx, schedule = optim.make_optimizer(config)
     _, rng, abstract, shardings = state.create_train_state(config, method, tx, mesh)
-    step_fn = step.jit_train_step(config, method, tx, schedule, mesh, shardings)
-    spec = method.views.element_spec(int(config.data.image_size),
-                                     int(config.data.in_channels), data.input_dtype(config))
+    spec, preprocess = _batch_spec(config, method, stored_image_size)
+    step_fn = step.jit_train_step(config, method, tx, schedule, mesh, shardings, preprocess)
     batch_sharding = sharding.batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct((config.global_batch_size,) + tuple(shape), dtype,
-                                     sharding=batch_sharding)
-             for k, (shape, dtype) in spec.items()}
+    batch = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct((config.global_batch_size,) + tuple(s[0]), s[1],
+                                       sharding=batch_sharding),
+        spec, is_leaf=lambda s: isinstance(s, tuple) and len(s) == 2 and isinstance(s[0], tuple))
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
@@ -154,6 +188,7 @@ def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | Non
         "accelerator_type": accelerator_type, "num_slices": num_slices,
         "topology": topology, "devices": n_dev, "mesh": dict(mesh.shape),
         "global_batch_size": int(config.global_batch_size),
+        "augment_on": "host" if preprocess is None else "device",
         "per_device_batch": int(config.global_batch_size) // n_dev,
         "hbm_bytes": chip.hbm_bytes,
         "param_count": sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params)),
@@ -275,6 +310,9 @@ def _define_flags():
     flags.DEFINE_integer("num-slices", 1, "Slices (multislice over DCN).")
     flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
     flags.DEFINE_string("hlo", None, "Also write the compiled HLO text to this file.")
+    flags.DEFINE_integer("stored-image-size", 264, "Side of the stored images, for "
+                         "config.data.augment_on='device' (the step receives them whole); "
+                         "SSL4EO-S12 and SeCo patches are 264 px.")
 
 
 def main(argv):
@@ -285,7 +323,8 @@ def main(argv):
     logs.quiet_library_logs()
     f = flags.FLAGS
     accelerator = f["accelerator-type"].value
-    report = plan(f.config, accelerator, f["num-slices"].value, f.hlo)
+    report = plan(f.config, accelerator, f["num-slices"].value, f.hlo,
+                  f["stored-image-size"].value)
     if not report["fits"]:
         report.update(shortfall_gib=round(shortfall_gib(report), 2), knobs=knobs(f.config))
     print(format_report(report))
