@@ -166,7 +166,14 @@ def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | Non
         raise cli.UserValueError(f"--num-slices={num_slices}; expected a positive integer.")
     import_modules(config.get("imports"))
     devices = _topology_devices(topology, num_slices)
-    mesh = sharding.make_mesh(config.mesh, devices)
+    try:
+        mesh = sharding.make_mesh(config.mesh, devices)
+    except AssertionError as e:  # jax's mesh builder on a per-TensorCore v4 description
+        raise cli.UserValueError(
+            f"--accelerator-type={accelerator_type}: this libtpu describes the slice one "
+            "device per TensorCore, and JAX builds v4 meshes from one device per chip "
+            f"(megacore) only ({str(e).splitlines()[0][:120]}); plan a v5p slice of the "
+            "same chip count instead.") from None
     state.validate(config, mesh)  # the trainer's own checks, before compiling
     method = methods.get(config.method)(config, mesh)
     tx, schedule = optim.make_optimizer(config)
