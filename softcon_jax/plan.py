@@ -149,7 +149,7 @@ def _batch_spec(config, method, stored_image_size: int):
 
 
 def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | None = None,
-         stored_image_size: int = 264) -> dict:
+         stored_image_size: int | None = None) -> dict:
     """Compiles the train step for the slice; returns the report (see module docstring)."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU metadata server here
     # Several plans (or tests) may run at once; libtpu otherwise locks /tmp/libtpu_lockfile.
@@ -178,6 +178,10 @@ def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | Non
     method = methods.get(config.method)(config, mesh)
     tx, schedule = optim.make_optimizer(config)
     _, rng, abstract, shardings = state.create_train_state(config, method, tx, mesh)
+    if stored_image_size is None:
+        synthetic = config.data.get("synthetic") or {}
+        stored_image_size = int(synthetic.get("image_size") if synthetic.get("enabled")
+                                else 264)
     spec, preprocess = _batch_spec(config, method, stored_image_size)
     step_fn = step.jit_train_step(config, method, tx, schedule, mesh, shardings, preprocess)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -317,9 +321,10 @@ def _define_flags():
     flags.DEFINE_integer("num-slices", 1, "Slices (multislice over DCN).")
     flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
     flags.DEFINE_string("hlo", None, "Also write the compiled HLO text to this file.")
-    flags.DEFINE_integer("stored-image-size", 264, "Side of the stored images, for "
-                         "config.data.augment_on='device' (the step receives them whole); "
-                         "SSL4EO-S12 and SeCo patches are 264 px.")
+    flags.DEFINE_integer("stored-image-size", None, "Side of the stored images, for "
+                         "config.data.augment_on='device' (the step receives them whole). "
+                         "Default: config.data.synthetic.image_size when the config writes "
+                         "synthetic data, else 264 (SSL4EO-S12 and SeCo patches).")
 
 
 def main(argv):
