@@ -54,6 +54,7 @@ def test_plan_reports_memory_flops_and_collectives(tmp_path):
     assert (small["devices"], small["mesh"], small["per_device_batch"]) == (
         4, {"data": 4, "fsdp": 1}, 4)
     assert small["fits"] is True and small["hbm_bytes"] == 16 * 2**30
+    assert small["augment_on"] == "device"  # as the recipe trains: views made in the step
     assert small["flops_per_device"] > 0 and small["memory_bytes"]["aliased"] > 0  # donated
     kinds = {c["kind"] for c in small["collectives"]}
     assert {"all-reduce", "all-gather"} <= kinds  # gradients; the loss's gathered keys
@@ -75,7 +76,7 @@ def test_plan_reports_memory_flops_and_collectives(tmp_path):
 
 @needs_libtpu
 def test_oversized_batch_does_not_fit(tmp_path):
-    res, report = _plan(tmp_path, "--config.data.image_size=224",
+    res, report = _plan(tmp_path, "--config.data.image_size=224", "--stored-image-size=264",
                         "--config.model.backbone_kwargs.img_size=224",
                         "--config.global_batch_size=1024")
     assert res.returncode == plan.EXIT_DOES_NOT_FIT
