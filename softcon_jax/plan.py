@@ -157,7 +157,7 @@ def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | Non
     import jax
 
     jax.config.update("jax_platforms", "cpu")
-    from softcon_jax import data, methods, optim, sharding, state, step
+    from softcon_jax import methods, optim, sharding, state, step
     from softcon_jax.hlo import collectives, gathered_bytes
     from softcon_jax.registry import import_modules
 
