@@ -15,8 +15,6 @@ from softcon_jax.models.layers import BN_STATISTICS_SCOPE
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                "collective-permute")
-# The synchronised batch norm's collectives carry this scope in their op_name.
-BN_SCOPE = BN_STATISTICS_SCOPE
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
                 "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
                 "f8e4m3fn": 1, "f8e5m2": 1}
@@ -41,7 +39,7 @@ def _arrays(shape_text: str) -> list[int]:
     return out
 
 
-def _op_bytes(line: str, m) -> int:
+def _op_bytes(m) -> int:
     sizes = _arrays(m.group(1))
     if m.group(3) and m.group(1).startswith("(") and m.group(2) != "all-reduce":
         # An async start's result is (operands, results[, u32[] contexts]): the results.
@@ -57,10 +55,10 @@ def collectives(hlo_text: str, *, by_scope: bool = False):
     count (scans, fori loops) counts that many times, one called through `call`, an async
     wrapper or a conditional branch counts once per call site (a branch is counted as if
     taken). Async `*-start` ops are counted, their `*-done` are not; copies of one op that
-    share a channel and chain_id (a collective XLA split over several fusions) count once. With
-    `by_scope`, also
-    returns the bytes of the ops whose op_name holds `BN_SCOPE` (sync batch norm) and the
-    number of loops whose trip count is unknown (counted once).
+    share a channel and chain_id (a collective XLA split over several fusions) count once.
+    With `by_scope`, also returns the bytes of the ops whose op_name holds
+    `BN_STATISTICS_SCOPE` (sync batch norm) and the number of loops whose trip count is
+    unknown (counted once).
     """
     direct, calls, entry, comp = {}, {}, None, None
     bounds = {}  # loop condition computation -> its `i < N` bound N
@@ -81,7 +79,7 @@ def collectives(hlo_text: str, *, by_scope: bool = False):
             # XLA:TPU splits one async collective over a chain of fusions that overlap it
             # with compute; each holds a copy with the same channel and chain_id.
             chains.add(key)
-            direct[comp].append((m.group(2), _op_bytes(line, m), BN_SCOPE in line))
+            direct[comp].append((m.group(2), _op_bytes(m), BN_STATISTICS_SCOPE in line))
         if (c := _S32_CONSTANT.search(line)):
             bounds.setdefault(comp, []).append(int(c.group(1)))
         if " while(" in line:

@@ -114,7 +114,7 @@ def _topology_devices(topology: str, num_slices: int):
         raise
 
 
-def _batch_spec(config, method, stored_image_size: int):
+def _batch_spec(config, method, stored_image_size: int | None):
     """({key: (shape, dtype)} of one sample as the trainer's step receives it, preprocess).
 
     'host' augmentation: the views. 'device': the raw season images at the stored size and
@@ -132,6 +132,9 @@ def _batch_spec(config, method, stored_image_size: int):
     if (config.data.get("augment_on") or "host") == "host":
         return (method.views.element_spec(int(config.data.image_size),
                                           int(config.data.in_channels), dtype), None)
+    if stored_image_size is None:  # the config's synthetic images, else SSL4EO-S12's
+        written = config.data.get("synthetic") or {}
+        stored_image_size = int(written.get("image_size") if written.get("enabled") else 264)
     modality = config.data.get("stats")
     modality = modality if modality in ("s2c", "s2a", "s1", "seco") else None
     data_config = config.data.copy_and_resolve_references()
@@ -142,7 +145,8 @@ def _batch_spec(config, method, stored_image_size: int):
         views = data.build_views_transform(data_config, meta,
                                            os.path.join(tmp, "metadata.json"), dtype.name,
                                            method.views)
-    channels = len(views.band_index) if views.band_index is not None else len(meta["bands"])
+    # build_views_transform checked that the selected bands number config.data.in_channels.
+    channels = int(config.data.in_channels)
     spec = views.device_element_spec((channels, stored_image_size, stored_image_size),
                                      meta["dtype"])
     return spec, views.device_views
@@ -178,10 +182,6 @@ def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | Non
     method = methods.get(config.method)(config, mesh)
     tx, schedule = optim.make_optimizer(config)
     _, rng, abstract, shardings = state.create_train_state(config, method, tx, mesh)
-    if stored_image_size is None:
-        synthetic = config.data.get("synthetic") or {}
-        stored_image_size = int(synthetic.get("image_size") if synthetic.get("enabled")
-                                else 264)
     spec, preprocess = _batch_spec(config, method, stored_image_size)
     step_fn = step.jit_train_step(config, method, tx, schedule, mesh, shardings, preprocess)
     batch_sharding = sharding.batch_sharding(mesh)

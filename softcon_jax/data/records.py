@@ -134,18 +134,15 @@ def encode(example: dict) -> bytes:
               "location": str(example["location"]), "seasons": seasons}
     for name, (spec, _) in arrays.items():
         header[name] = {**spec, "offset": 0}
-    # The offsets' msgpack width changes the header's length: repeat until it is stable.
-    packed = b""
-    while True:
-        start = _aligned(len(MAGIC) + 4 + len(packed))
+    # The offsets' msgpack width changes the header's length: repeat until the arrays
+    # start where the header they are written in ends.
+    first, packed = None, b""
+    while first != _aligned(len(MAGIC) + 4 + len(packed)):
+        first = start = _aligned(len(MAGIC) + 4 + len(packed))
         for name, (_, data) in arrays.items():
             header[name]["offset"] = start
             start = _aligned(start + len(data))
-        repacked = msgpack.packb(header, use_bin_type=True)
-        if _aligned(len(MAGIC) + 4 + len(repacked)) == _aligned(len(MAGIC) + 4 + len(packed)):
-            packed = repacked
-            break
-        packed = repacked
+        packed = msgpack.packb(header, use_bin_type=True)
     out = bytearray(MAGIC + len(packed).to_bytes(4, "little") + packed)
     for name, (_, data) in arrays.items():
         out += bytes(header[name]["offset"] - len(out)) + data
