@@ -128,6 +128,7 @@ def _write_shard(task: _Task, progress: Callable[[int], None] | None = None) -> 
     tmp = f"{final}.tmp-{os.getpid()}"
     skipped = []
     count = 0
+    per_location = None  # records per location: 1 + T, the same for every location
     writer = ArrayRecordWriter(tmp, task.options)
     try:
         for item in task.items:
@@ -139,7 +140,15 @@ def _write_shard(task: _Task, progress: Callable[[int], None] | None = None) -> 
                 log.warning("skipping %s (%s)", e.path, e.reason)
                 skipped.append({"item": _jsonable(item), "path": e.path, "reason": e.reason})
             else:
-                writer.write(records.encode(example))
+                parts = records.encode_location(example)
+                if per_location not in (None, len(parts)):
+                    raise records.RecordError(
+                        f"location {example['location']!r} has {len(parts) - 1} seasons, "
+                        f"the shard's first location {per_location - 1}; every location "
+                        "of a dataset needs the same number of seasons")
+                per_location = len(parts)
+                for part in parts:
+                    writer.write(part)
                 count += 1
             progress(1)
         writer.close()
@@ -152,6 +161,7 @@ def _write_shard(task: _Task, progress: Callable[[int], None] | None = None) -> 
     marker = {
         "fingerprint": task.fingerprint,
         "num_records": count,
+        "records_per_location": per_location,
         "skipped": skipped,
         "filename": task.filename,
     }
@@ -244,7 +254,8 @@ def write_shards(
 ) -> dict:
     """Writes ``make_example(item)`` for every item into ArrayRecord shards.
 
-    ``make_example`` returns a dict accepted by ``records.encode`` or raises
+    ``make_example`` returns a dict accepted by ``records.encode_location`` (each location
+    is written as 1 + T records, record schema 3; every location needs the same T) or raises
     ``BadInputError``; with ``skip_bad`` that item is logged, skipped and
     listed in the metadata (``num_skipped``, ``skipped``), otherwise the error
     propagates and no metadata is written. With ``num_workers > 0`` it must be
@@ -320,12 +331,18 @@ def write_shards(
                 _drain(progress_queue, bar)
 
     ordered = [markers[t.filename] for t in tasks]
+    per_location = {m.get("records_per_location") for m in ordered} - {None}
+    if len(per_location) > 1:
+        raise records.RecordError(
+            f"{out_dir}: the shards hold {sorted(k - 1 for k in per_location)} seasons per "
+            "location; every location of a dataset needs the same number")
     skipped = [_jsonable(s) for s in pre_skipped] + [s for m in ordered for s in m["skipped"]]
     meta = dict(metadata)
     meta.update(
         format_version=FORMAT_VERSION,
         record_schema_version=records.SCHEMA_VERSION,
-        num_records=sum(m["num_records"] for m in ordered),
+        num_records=sum(m["num_records"] for m in ordered),  # locations
+        records_per_location=per_location.pop() if per_location else 1,
         num_shards=num_shards,
         array_record_options=options,
         shards=[t.filename for t in tasks],

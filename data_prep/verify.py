@@ -44,6 +44,15 @@ def check_record(ex: dict, meta: dict) -> list[str]:
     return problems
 
 
+def _read_location(reader, i: int, k: int) -> dict:
+    """Location i of a shard of ``k`` records per location, every season read."""
+    if k == 1:
+        return records.decode(reader.read([i])[0])
+    parts = reader.read(list(range(i * k, (i + 1) * k)))
+    ex = records.decode(records.Location(parts[0], lambda t: parts[1 + t]))
+    return {**ex, "image": np.asarray(ex["image"])}  # reads and checks every season
+
+
 def verify(directory: str, *, progress: bool = True) -> dict:
     """Returns ``{"num_records", "num_shards", "num_bad", "bad": [(shard, index, reason)],
     "num_labelled_seasons", "num_seasons"}``."""
@@ -60,6 +69,7 @@ def verify(directory: str, *, progress: bool = True) -> dict:
     if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
         raise cli.UserValueError(f"{meta_path} has no 'shards' list; not the metadata of a "
                                  f"converted dataset")
+    k = records.records_per_location(meta)
     bad: list[tuple[str, int, str]] = []
     locations: Counter = Counter()
     where: dict[str, tuple[str, int]] = {}
@@ -80,14 +90,17 @@ def verify(directory: str, *, progress: bool = True) -> dict:
             bar.update(expected or 0)
             continue
         reader = ArrayRecordReader(path)
-        n = reader.num_records()
+        n, extra = divmod(reader.num_records(), k)
+        if extra:
+            bad.append((shard, -1, f"{reader.num_records()} records, not a multiple of the "
+                                   f"{k} records per location"))
         if expected is not None and n != expected:
-            bad.append((shard, -1, f"{n} records, metadata says {expected}"))
+            bad.append((shard, -1, f"{n} locations, metadata says {expected}"))
         for i in range(n):
             total += 1
             bar.update(1)
             try:
-                ex = records.decode(reader.read([i])[0])
+                ex = _read_location(reader, i, k)
             except Exception as e:
                 bad.append((shard, i, f"cannot read/decode: {e}"))
                 continue

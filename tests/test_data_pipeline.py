@@ -3,6 +3,7 @@
 import os
 
 import grain
+import jax
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -10,7 +11,7 @@ from scipy import ndimage
 from data_prep import shards, synthetic
 from softcon_jax.methods.softcon import SoftConViews
 from softcon_jax import data
-from softcon_jax.data import augment, normalize
+from softcon_jax.data import augment, normalize, records
 
 S2C_MEAN = np.array([1605.58, 1390.78, 1314.87, 1363.52, 1549.44, 2091.75, 2371.72, 2299.90,
                      2560.30, 830.07, 22.10, 2177.07, 1524.07])
@@ -154,6 +155,70 @@ def test_seco_views_follow_the_timestamp_scheme(tmp_path):
     np.testing.assert_array_equal(t["q"], t["k2"])  # q = t0, k2 = aug(t0)
     assert np.all((t["q"] != t["k0"]) & (t["q"] != t["k1"]) & (t["k0"] != t["k1"]))
     assert all(np.all((v >= 0) & (v < 5)) for v in t.values())
+
+
+def _as_one_record_per_location(src: str, out: str) -> str:
+    """A copy of dataset `src` in the older layout: one record (schema 2) per location."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+    import json
+
+    opened = data.open_dataset(src)
+    os.makedirs(out)
+    for shard, n, start in zip(opened.meta["shards"], opened.meta["shard_num_records"],
+                               np.cumsum([0] + opened.meta["shard_num_records"])):
+        w = ArrayRecordWriter(os.path.join(out, shard), "group_size:1")
+        for i in range(start, start + n):
+            ex = records.decode(opened.source[int(i)])
+            w.write(records.encode({**ex, "image": np.asarray(ex["image"])}))
+        w.close()
+    meta = {k: v for k, v in opened.meta.items() if k != "records_per_location"}
+    with open(os.path.join(out, "metadata.json"), "w") as f:
+        json.dump(dict(meta, record_schema_version=records.WHOLE_VERSION), f)
+    return out
+
+
+@pytest.mark.parametrize("augment_on", ["host", "device"])
+@pytest.mark.parametrize("views", ["softcon", "seco"])
+def test_older_one_record_per_location_datasets_give_the_same_batches(tmp_path, views,
+                                                                      augment_on):
+    path = _constant_dataset(str(tmp_path / "c"), timesteps=5)
+    whole = _as_one_record_per_location(path, str(tmp_path / "whole"))
+    a, b = (_take(iter(data.build_dataset(_cfg(p, views=views, augment_on=augment_on),
+                                          global_batch_size=6, seed=2)), 2)
+            for p in (path, whole))
+    leaves = [jax.tree.leaves(x) for x in (a, b)]  # device mode nests images and draws
+    assert len(leaves[0]) == len(leaves[1]) and all(
+        np.array_equal(x, y) for x, y in zip(*leaves))
+
+
+@pytest.mark.parametrize("views,used", [("softcon", 2), ("seco", 3)])
+def test_only_the_seasons_a_sample_uses_are_read(tmp_path, monkeypatch, views, used):
+    path = _constant_dataset(str(tmp_path / "c"), timesteps=5)
+    k = data.open_dataset(path).meta["records_per_location"]
+    assert k == 6
+    read = []
+    inner = grain.sources.ArrayRecordDataSource.__getitem__
+
+    def counting(self, i):
+        if str(self.paths[0]).startswith(path):  # not other tests' prefetch threads
+            read.append(int(i))
+        return inner(self, i)
+    monkeypatch.setattr(grain.sources.ArrayRecordDataSource, "__getitem__", counting)
+    cfg = _cfg(path, views=views, augment_on="device", season_sampling="distinct")
+    it = iter(data.build_dataset(cfg, global_batch_size=6, seed=0))
+    _take(it, 2)
+    it.close()
+    groups = []  # per location read (one read thread: in order), its season reads
+    for i in read:
+        if i % k == 0:
+            groups.append([])
+        else:
+            assert groups and i // k == last // k  # a season of the location just read
+            groups[-1].append(i)
+        last = i if i % k == 0 else last
+    assert len(groups) >= 12  # 2 batches of 6 (the reader may have started the next)
+    assert all(len(set(g)) == len(g) == used for g in groups[:-1])  # of 5, each once
+    assert len(groups[-1]) <= used
 
 
 def test_band_count_mismatch_names_config_key_and_metadata(syn_dir):

@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from data_prep import seco, shards, ssl4eo_s12, synthetic, verify
 from data_prep.shards import BadInputError
+from softcon_jax import data
 from softcon_jax.data import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,13 +90,17 @@ def reference_band(path, size, dtype):
 
 
 def read_all(out_dir):
+    """(metadata, every location decoded) of a converted dataset, read as training reads."""
     meta = shards.read_metadata(out_dir)
-    exs = []
-    for s in meta["shards"]:
+    # Record schema 3: a location record then one record per season.
+    assert meta["records_per_location"] == 1 + meta["timesteps"]
+    for s, n in zip(meta["shards"], meta["shard_num_records"], strict=True):
         r = ArrayRecordReader(os.path.join(out_dir, s))
-        exs += [records.decode(b) for b in r.read_all()]
+        assert r.num_records() == n * meta["records_per_location"]
         r.close()
-    return meta, exs
+    source = data.open_dataset(out_dir).source
+    exs = [records.decode(source[i]) for i in range(len(source))]
+    return meta, [{**ex, "image": np.asarray(ex["image"])} for ex in exs]
 
 
 @pytest.mark.parametrize("modality", ["s2c", "s1"])
@@ -387,11 +392,12 @@ def test_verify_names_every_bad_record(tmp_path, capsys):
     meta = synthetic.write_dataset(out, num_locations=6, num_shards=2, image_size=8)
     assert verify.main([out, "--no-progress"]) == 0
     shard1 = os.path.join(out, meta["shards"][1])
-    good = ArrayRecordReader(shard1).read_all()
-    bad = records.decode(good[2])
-    bad = dict(bad, image=bad["image"].astype(np.float32))  # wrong dtype
+    good = ArrayRecordReader(shard1).read_all()  # 3 locations x (1 + 4 seasons) records
+    k = meta["records_per_location"]
+    loc2 = records.decode(records.Location(good[2 * k], lambda t: good[2 * k + 1 + t]))
+    bad = dict(loc2, image=np.asarray(loc2["image"]).astype(np.float32))  # wrong dtype
     w = ArrayRecordWriter(shard1, "group_size:1")
-    for rec in [good[0], b"garbage", records.encode(bad)]:
+    for rec in [*good[:k], b"garbage", *good[k + 1:2 * k], *records.encode_location(bad)]:
         w.write(rec)
     w.close()
     assert verify.main([out, "--no-progress"]) == 1
@@ -402,9 +408,9 @@ def test_verify_names_every_bad_record(tmp_path, capsys):
     assert "2 bad" in text
     # Bytes flipped inside a stored record are caught by the reader's checksums.
     shard0 = os.path.join(out, meta["shards"][0])
-    data = bytearray(open(shard0, "rb").read())
-    data[200:260] = bytes(b ^ 0xFF for b in data[200:260])
-    open(shard0, "wb").write(bytes(data))
+    raw = bytearray(open(shard0, "rb").read())
+    raw[200:260] = bytes(b ^ 0xFF for b in raw[200:260])
+    open(shard0, "wb").write(bytes(raw))
     assert verify.main([out, "--no-progress"]) == 1
     assert f"BAD {meta['shards'][0]} index 0" in capsys.readouterr().out
 

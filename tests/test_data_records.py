@@ -20,10 +20,27 @@ def _example(dtype=np.uint16, t=4, c=13, s=8, seed=0):
             "location": "0001234"}
 
 
+def _location(parts: list[bytes], reads: list | None = None) -> records.Location:
+    """A version-3 location over `encode_location`'s parts; `reads` logs the seasons read."""
+    def read_season(t):
+        if reads is not None:
+            reads.append(t)
+        return parts[1 + t]
+    return records.Location(parts[0], read_season)
+
+
+def _round_trip(ex: dict, layout: str) -> dict:
+    if layout == "whole":
+        return records.decode(records.encode(ex))
+    out = records.decode(_location(records.encode_location(ex)))
+    return {**out, "image": np.asarray(out["image"])}
+
+
+@pytest.mark.parametrize("layout", ["per_season", "whole"])
 @pytest.mark.parametrize("dtype,c,t", [(np.uint16, 13, 4), (np.uint8, 12, 5), (np.float32, 2, 4)])
-def test_round_trip_keeps_values_dtype_and_metadata(dtype, c, t):
+def test_round_trip_keeps_values_dtype_and_metadata(dtype, c, t, layout):
     ex = _example(dtype, t=t, c=c)
-    out = records.decode(records.encode(ex))
+    out = _round_trip(ex, layout)
     assert out["image"].dtype == np.dtype(dtype)
     np.testing.assert_array_equal(out["image"], ex["image"])
     assert out["labels"].dtype == np.uint8 and out["labels"].shape == (t, 9)
@@ -66,7 +83,7 @@ def test_record_is_a_msgpack_header_and_aligned_array_bytes():
     ex = _example()
     raw = records.encode(ex)
     obj = _header(raw)
-    assert obj["schema"] == records.SCHEMA_NAME and obj["version"] == records.SCHEMA_VERSION
+    assert obj["schema"] == records.SCHEMA_NAME and obj["version"] == records.WHOLE_VERSION
     assert obj["image"]["dtype"] == "<u2" and obj["image"]["shape"] == [4, 13, 8, 8]
     for name in ("image", "labels", "has_label"):
         assert obj[name]["offset"] % 64 == 0
@@ -76,6 +93,54 @@ def test_record_is_a_msgpack_header_and_aligned_array_bytes():
     out = records.decode(raw)  # a view of the record bytes, not a copy
     assert np.shares_memory(out["image"], np.frombuffer(raw, np.uint8))
     assert not out["image"].flags.writeable
+
+
+def test_version_3_location_is_a_location_record_then_one_record_per_season():
+    ex = _example(t=4)
+    parts = records.encode_location(ex)
+    assert len(parts) == 5
+    head = _header(parts[0])
+    assert head["schema"] == records.SCHEMA_NAME and head["version"] == records.SCHEMA_VERSION
+    assert head["image"] == {"dtype": "<u2", "shape": [4, 13, 8, 8]}  # no pixels in it
+    assert len(parts[0]) < ex["image"][0].nbytes
+    for t, raw in enumerate(parts[1:]):
+        obj = _header(raw)
+        assert (obj["schema"], obj["version"]) == (records.SEASON_SCHEMA, records.SCHEMA_VERSION)
+        assert obj["location"] == ex["location"] and obj["index"] == t
+        assert obj["image"]["shape"] == [13, 8, 8] and obj["image"]["offset"] % 64 == 0
+    reads = []
+    out = records.decode(_location(parts, reads))
+    assert out["image"].shape == (4, 13, 8, 8) and out["image"].dtype == np.uint16
+    assert reads == []  # nothing read until a season is asked for
+    season = out["image"][2]
+    np.testing.assert_array_equal(season, ex["image"][2])
+    assert np.shares_memory(season, np.frombuffer(parts[3], np.uint8))  # a view, no copy
+    out["image"][-2], out["image"][0]
+    assert reads == [2, 0]  # season 2 once (kept), then season 0; 1 and 3 never read
+    np.testing.assert_array_equal(np.asarray(out["image"]), ex["image"])
+    np.testing.assert_array_equal(out["labels"], ex["labels"])
+
+
+def test_version_3_season_records_are_checked_against_their_location():
+    ex, other = _example(t=3), _example(t=3, s=4, seed=1)
+    other["location"] = "elsewhere"
+    parts = records.encode_location(ex)
+    swapped = [parts[0], parts[2], parts[1], parts[3]]
+    with pytest.raises(records.RecordError, match="season record 0 .* holds season 1"):
+        records.decode(_location(swapped))["image"][0]
+    foreign = [parts[0], records.encode_location(other)[1], *parts[2:]]
+    with pytest.raises(records.RecordError, match="of location 'elsewhere'"):
+        records.decode(_location(foreign))["image"][0]
+    other["location"] = ex["location"]
+    small = [parts[0], records.encode_location(other)[1], *parts[2:]]
+    with pytest.raises(records.RecordError, match=r"\(13, 4, 4\) uint16, the location"):
+        records.decode(_location(small))["image"][0]
+    with pytest.raises(records.RecordError, match="season record 1"):
+        records.decode(_location([parts[0], parts[1], b"garbage", parts[3]]))["image"][1]
+    with pytest.raises(IndexError):
+        records.decode(_location(parts))["image"][3]
+    with pytest.raises(records.RecordError, match="version 3 where 2 was expected"):
+        records.decode(parts[0])  # a location record alone is not a whole location
 
 
 def test_version_1_records_are_still_read():
@@ -119,12 +184,13 @@ def test_object_dtype_and_truncated_data_are_rejected():
         records.decode(raw[:-2])  # a truncated record (the last array is has_label)
 
 
-def test_encode_checks_shapes():
+@pytest.mark.parametrize("encode", [records.encode, records.encode_location])
+def test_encode_checks_shapes(encode):
     ex = _example()
     ex["labels"] = ex["labels"][:, :5]
     with pytest.raises(records.RecordError, match="labels must be"):
-        records.encode(ex)
+        encode(ex)
     ex = _example()
     ex["seasons"] = ex["seasons"][:3]
     with pytest.raises(records.RecordError, match="season names"):
-        records.encode(ex)
+        encode(ex)

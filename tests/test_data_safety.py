@@ -16,6 +16,7 @@ from helpers import snapshot
 
 from data_prep import shards, ssl4eo_s12, synthetic, verify
 from softcon_jax import cli
+from softcon_jax.data import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYN = dict(num_locations=6, num_shards=2, image_size=8)
@@ -279,17 +280,21 @@ def test_training_input_on_a_corrupt_record_names_shard_and_record(syn_copy):
 
     out, meta = syn_copy
     shard = os.path.join(out, meta["shards"][1])
-    _flip(shard)  # inside the first record of shard 1: the reader's checksum fails
+    _flip(shard)  # inside the first location of shard 1: the reader's checksum fails
     before = snapshot(out)
     source = data.open_dataset(out).source
     assert len(source) == 6 and source.where(4) == (shard, 1)
-    source[0]  # other records read fine
-    with pytest.raises(CorruptShardError, match=f"shard {shard} record 0: cannot be read"):
-        source[3]
+
+    def read(i):  # the location record and every season
+        return np.asarray(records.decode(source[i])["image"])
+    read(0)  # other locations read fine
+    where = rf"shard {shard} location 0 \(record \d\)"
+    with pytest.raises(CorruptShardError, match=f"{where}: cannot be read"):
+        read(3)
     cfg = data.default_config()
     cfg.path, cfg.image_size = out, 16
     it = iter(data.build_dataset(cfg, global_batch_size=6, seed=0, views="softcon"))
-    with pytest.raises(CorruptShardError, match=f"shard {shard} record 0"):
+    with pytest.raises(CorruptShardError, match=where):
         next(it)
     assert snapshot(out) == before
 

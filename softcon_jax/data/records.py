@@ -1,29 +1,39 @@
-"""Record schema: one record per location, all its seasons, a msgpack header + raw arrays.
+"""Record schema: a location's seasons, labels and names as msgpack headers + raw arrays.
 
-A record (version 2) is::
+Version 3 (what the converters write) stores one location as 1 + T consecutive ArrayRecord
+records: the location record, then one season record per season, so that a reader that
+uses two of four seasons reads half the bytes (SoftCon reads 2 of 4 seasons, SeCo 3 of 5;
+reading, not augmenting, is the host's main cost when the views are made on the
+accelerator). ``metadata.json`` says ``"records_per_location": 1 + T``. Every record is::
 
     b"SCJR" | header length (u32, little-endian) | header | zero padding | array bytes
 
-The header is a msgpack map (no pickle, safe to read from untrusted files)::
+The header is a msgpack map (no pickle, safe to read from untrusted files). The location
+record::
 
     {
       "schema":    "softcon_jax.location",   # constant, identifies the format
-      "version":   2,                        # SCHEMA_VERSION
+      "version":   3,                        # SCHEMA_VERSION
       "location":  "0000042",                # location id (str)
       "seasons":   ["20200321T...", ...],    # T season / timestamp names (str)
-      "image":     ARRAY,                    # (T, C, H, W), source dtype
+      "image":     {"dtype": "<u2", "shape": [T, C, H, W]},  # what the seasons hold
       "labels":    ARRAY,                    # (T, 9) uint8 multi-hot Dynamic World
       "has_label": ARRAY,                    # (T,) bool; False = unlabelled season
     }
 
-where ``ARRAY`` is the map ``{"dtype": "<u2", "shape": [..], "offset": n}``: the NumPy
-dtype string (explicit byte order), the shape, and where its C-order bytes start, counted
-from the record's first byte (a multiple of 64). Keeping the arrays outside the msgpack
-map lets `decode` return them as views of the record bytes: a 4-season 13-band 264 px
-image is 7.2 MB, and copying it out of a msgpack `bin` (what version 1 did, with the bytes
-inside the map) cost as much host time per record as all of the device-mode input work.
-Allowed dtypes are the plain numeric ones in ``ALLOWED_DTYPES``. Version 1 records (one
-msgpack map with ``"data": <bytes>`` in each ARRAY) are still read.
+and season record t: ``{"schema": "softcon_jax.season", "version": 3, "location": id,
+"index": t, "image": ARRAY}`` with the (C, H, W) image of season t.
+
+``ARRAY`` is the map ``{"dtype": "<u2", "shape": [..], "offset": n}``: the NumPy dtype
+string (explicit byte order), the shape, and where its C-order bytes start, counted from
+the record's first byte (a multiple of 64). Keeping the arrays outside the msgpack map
+lets `decode` return them as views of the record bytes (a 13-band 264 px season is 1.8 MB;
+copying it out of a msgpack ``bin`` cost as much host time as all of the device-mode input
+work). Allowed dtypes are the plain numeric ones in ``ALLOWED_DTYPES``.
+
+Older datasets hold one record per location, all seasons inside, and are still read:
+version 2 (`encode`: the location header with ``"image": ARRAY`` (T, C, H, W), framed as
+above) and version 1 (one msgpack map with ``"data": <bytes>`` in each ARRAY).
 
 Labels are all zeros where ``has_label`` is False and for datasets without
 labels (SeCo). Decoding returns read-only arrays that view the input bytes
@@ -38,7 +48,9 @@ import msgpack
 import numpy as np
 
 SCHEMA_NAME = "softcon_jax.location"
-SCHEMA_VERSION = 2
+SEASON_SCHEMA = "softcon_jax.season"
+SCHEMA_VERSION = 3  # what `encode_location` (the converters) writes
+WHOLE_VERSION = 2  # `encode`: one record per location, all seasons inside
 MAGIC = b"SCJR"
 _ALIGN = 64
 NUM_CLASSES = 9  # Dynamic World classes (Brown et al. 2022), as SSL4EO-S12-ML's labels
@@ -103,13 +115,8 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def encode(example: dict) -> bytes:
-    """Serialises one location to bytes.
-
-    ``example`` needs ``image`` (T, C, H, W), ``seasons`` (T str) and
-    ``location`` (str); ``labels`` (T, 9) and ``has_label`` (T,) default to
-    "no labels". Raises ``RecordError`` when shapes disagree.
-    """
+def _checked(example: dict) -> tuple[np.ndarray, list[str], dict]:
+    """(image, season names, packed label arrays) of an example, its shapes checked."""
     image = np.asarray(example["image"])
     if image.ndim != 4:
         raise RecordError(f"image must be (T, C, H, W), got shape {image.shape}")
@@ -127,11 +134,12 @@ def encode(example: dict) -> bytes:
         raise RecordError(f"has_label must be ({t},), got {has_label.shape}")
     if labels.min(initial=0) < 0 or labels.max(initial=0) > 1:
         raise RecordError("labels must be multi-hot (0 or 1)")
-    arrays = {"image": _pack_array("image", image),
-              "labels": _pack_array("labels", labels, np.uint8),
-              "has_label": _pack_array("has_label", has_label, bool)}
-    header = {"schema": SCHEMA_NAME, "version": SCHEMA_VERSION,
-              "location": str(example["location"]), "seasons": seasons}
+    return image, seasons, {"labels": _pack_array("labels", labels, np.uint8),
+                            "has_label": _pack_array("has_label", has_label, bool)}
+
+
+def _frame(header: dict, arrays: dict[str, tuple[dict, bytes]]) -> bytes:
+    """MAGIC | header length | msgpack header (with each array's offset) | aligned arrays."""
     for name, (spec, _) in arrays.items():
         header[name] = {**spec, "offset": 0}
     # The offsets' msgpack width changes the header's length: repeat until the arrays
@@ -149,30 +157,141 @@ def encode(example: dict) -> bytes:
     return bytes(out)
 
 
-def decode(raw: bytes) -> dict:
-    """Parses bytes written by ``encode``.
+def _unframe(raw: bytes) -> dict:
+    """The msgpack header of a framed record (version 2 and 3 layouts)."""
+    size = int.from_bytes(raw[4:8], "little")
+    return msgpack.unpackb(raw[8:8 + size], raw=False, strict_map_key=True)
+
+
+def encode(example: dict) -> bytes:
+    """Serialises one location to one record, all seasons inside (version 2).
+
+    ``example`` needs ``image`` (T, C, H, W), ``seasons`` (T str) and
+    ``location`` (str); ``labels`` (T, 9) and ``has_label`` (T,) default to
+    "no labels". Raises ``RecordError`` when shapes disagree.
+    """
+    image, seasons, arrays = _checked(example)
+    header = {"schema": SCHEMA_NAME, "version": WHOLE_VERSION,
+              "location": str(example["location"]), "seasons": seasons}
+    return _frame(header, {"image": _pack_array("image", image), **arrays})
+
+
+def encode_location(example: dict) -> list[bytes]:
+    """Serialises one location to 1 + T records (version 3, what the converters write):
+    the location record (names, labels, the image's dtype and shape) and one record per
+    season, so that a reader reads only the seasons it uses. Same ``example`` as `encode`.
+    """
+    image, seasons, arrays = _checked(example)
+    spec, _ = _pack_array("image", image[:0])
+    location = str(example["location"])
+    header = {"schema": SCHEMA_NAME, "version": SCHEMA_VERSION, "location": location,
+              "seasons": seasons, "image": {"dtype": spec["dtype"],
+                                            "shape": list(image.shape)}}
+    out = [_frame(header, arrays)]
+    for t, season in enumerate(image):
+        out.append(_frame({"schema": SEASON_SCHEMA, "version": SCHEMA_VERSION,
+                           "location": location, "index": t},
+                          {"image": _pack_array("image", season)}))
+    return out
+
+
+class Location:
+    """One location of a version-3 dataset: its location record, and ``read_season(t)``
+    returning the bytes of its season record t. `decode` of it reads a season only when
+    ``example["image"][t]`` asks for it."""
+
+    def __init__(self, header: bytes, read_season):
+        self.header, self.read_season = header, read_season
+
+
+class Seasons:
+    """``example["image"]`` of a `Location`: (T, C, H, W) whose seasons are read and
+    checked on first use (then kept); ``np.asarray`` reads them all."""
+
+    def __init__(self, dtype: np.dtype, shape: tuple, location: str, read_season):
+        self.dtype, self.shape, self.ndim = dtype, shape, len(shape)
+        self._location, self._read, self._cache = location, read_season, {}
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            t = int(key) + (self.shape[0] if key < 0 else 0)
+            if not 0 <= t < self.shape[0]:
+                raise IndexError(f"season {key} of {self.shape[0]}")
+            if t not in self._cache:
+                self._cache[t] = self._season(t)
+            return self._cache[t]
+        return np.asarray(self)[key]
+
+    def _season(self, t: int) -> np.ndarray:
+        raw = self._read(t)
+        try:
+            obj = _unframe(raw) if bytes(raw[:4]) == MAGIC else None
+        except Exception as e:  # msgpack raises several unrelated exception types.
+            raise RecordError(f"season record {t}: not a msgpack record: "
+                              f"{type(e).__name__}: {e}") from None
+        if (not isinstance(obj, dict) or obj.get("schema") != SEASON_SCHEMA
+                or obj.get("version") != SCHEMA_VERSION):
+            raise RecordError(f"season record {t} of location {self._location!r}: not a "
+                              f"{SEASON_SCHEMA!r} version {SCHEMA_VERSION} record")
+        if obj.get("location") != self._location or obj.get("index") != t:
+            raise RecordError(
+                f"season record {t} of location {self._location!r} holds season "
+                f"{obj.get('index')!r} of location {obj.get('location')!r}")
+        img = _unpack_array("image", obj.get("image"), raw)
+        if img.dtype != self.dtype or img.shape != self.shape[1:]:
+            raise RecordError(f"season record {t} of location {self._location!r}: image "
+                              f"{img.shape} {img.dtype}, the location record says "
+                              f"{self.shape[1:]} {self.dtype}")
+        return img
+
+    def __iter__(self):
+        return (self[t] for t in range(self.shape[0]))
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.stack(list(self))
+        return out if dtype is None else out.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"Seasons({self.shape}, {self.dtype}, location={self._location!r})"
+
+
+def decode(raw: "bytes | Location") -> dict:
+    """Parses one location: the bytes of a version 1 or 2 record, or a version-3
+    `Location` (what `softcon_jax.data.open_dataset(...).source[i]` gives for those).
 
     Returns ``{"image": (T,C,H,W) source dtype, "labels": (T,9) uint8,
-    "has_label": (T,) bool, "seasons": [T str], "location": str}``.
-    Raises ``RecordError`` for anything that is not a valid record of a
-    supported schema version.
+    "has_label": (T,) bool, "seasons": [T str], "location": str}``; for a `Location`,
+    ``image`` is a `Seasons` that reads season t on ``image[t]``. Raises ``RecordError``
+    for anything that is not a valid record of a supported schema version.
     """
-    v2 = bytes(raw[:4]) == MAGIC
+    location = raw if isinstance(raw, Location) else None
+    raw = location.header if location is not None else raw
+    framed = bytes(raw[:4]) == MAGIC
     try:
-        if v2:
-            size = int.from_bytes(raw[4:8], "little")
-            obj = msgpack.unpackb(raw[8:8 + size], raw=False, strict_map_key=True)
-        else:
-            obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        obj = _unframe(raw) if framed else msgpack.unpackb(raw, raw=False,
+                                                           strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated exception types.
         raise RecordError(f"not a msgpack record: {type(e).__name__}: {e}") from None
     if not isinstance(obj, dict) or obj.get("schema") != SCHEMA_NAME:
         raise RecordError(f"not a {SCHEMA_NAME!r} record")
     version = obj.get("version")
-    if version != (SCHEMA_VERSION if v2 else 1):
-        raise RecordError(f"record schema version {version!r} is not supported (this code "
-                          f"reads versions 1 and {SCHEMA_VERSION})")
-    if v2:
+    expected = (SCHEMA_VERSION if location is not None else WHOLE_VERSION) if framed else 1
+    if version != expected:
+        raise RecordError(
+            f"record schema version {version!r} where {expected} was expected (this code "
+            f"reads versions 1 and {WHOLE_VERSION} as one record per location, version "
+            f"{SCHEMA_VERSION} as a location record and one record per season)")
+    if location is not None:
+        dtype, shape, _ = _array_spec("image", obj.get("image"), {"dtype", "shape"})
+        if len(shape) != 4:
+            raise RecordError(f"image must have 4 dims (T, C, H, W), got {shape}")
+        image = Seasons(dtype, shape, str(obj["location"]), location.read_season)
+        labels, has_label = (_unpack_array(k, obj.get(k), raw)
+                             for k in ("labels", "has_label"))
+    elif framed:
         image, labels, has_label = (_unpack_array(k, obj.get(k), raw)
                                     for k in ("image", "labels", "has_label"))
     else:
@@ -194,3 +313,9 @@ def decode(raw: bytes) -> dict:
         "seasons": [str(s) for s in seasons],
         "location": str(obj["location"]),
     }
+
+
+def records_per_location(meta: dict) -> int:
+    """ArrayRecord records per location in a dataset: 1 + T for version 3 (its
+    ``metadata.json`` says so), 1 for datasets written as one record per location."""
+    return int(meta.get("records_per_location", 1))

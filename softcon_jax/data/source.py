@@ -18,6 +18,7 @@ import grain
 from etils import epath
 
 from softcon_jax import cli
+from softcon_jax.data import records
 
 
 class CorruptShardError(cli.UserValueError):
@@ -46,35 +47,53 @@ def shard_problem(path: str) -> str | None:
 
 
 class NamedSource(grain.sources.RandomAccessDataSource):
-    """Record source over the shards of a dataset; read errors name the shard and record."""
+    """Locations over the shards of a dataset; read errors name the shard and record.
 
-    def __init__(self, inner, paths: list[str], counts: list[int], directory: str):
+    ``source[i]`` is the bytes of location i's record, or, for a dataset stored as
+    ``records_per_location = 1 + T`` records per location (record schema 3), a
+    `records.Location` whose seasons are read when used (``records.decode`` takes both).
+    """
+
+    def __init__(self, inner, paths: list[str], counts: list[int], directory: str,
+                 records_per_location: int = 1):
         self._inner, self._paths, self._directory = inner, list(paths), directory
-        self._starts = [0]
+        self._k = int(records_per_location)
+        self._starts = [0]  # first location of each shard
         for c in counts:
             self._starts.append(self._starts[-1] + int(c))
 
     def __len__(self) -> int:
-        return len(self._inner)
+        return len(self._inner) // self._k
 
     def where(self, index: int) -> tuple[str, int]:
-        """(shard path, record index in it) of global record `index`."""
+        """(shard path, location index in it) of location `index`."""
         i = min(bisect.bisect_right(self._starts, index) - 1, len(self._paths) - 1)
         return self._paths[i], index - self._starts[i]
 
-    def _error(self, index: int, e: Exception) -> CorruptShardError:
+    def _error(self, index: int, part: int, e: Exception) -> CorruptShardError:
         shard, local = self.where(int(index))
+        what = (f"record {local}" if self._k == 1 else
+                f"location {local} (record {local * self._k + part})")
         return CorruptShardError(
-            f"shard {shard} record {local}: cannot be read ({type(e).__name__}: {e}); "
+            f"shard {shard} {what}: cannot be read ({type(e).__name__}: {e}); "
             f"{_fix(self._directory)}.")
 
-    def __getitem__(self, index):
+    def _read(self, index: int, part: int = 0) -> bytes:
         try:
-            return self._inner[index]
+            return self._inner[int(index) * self._k + part]
         except (IndexError, KeyboardInterrupt):
             raise
         except Exception as e:
-            raise self._error(index, e) from None
+            raise self._error(index, part, e) from None
+
+    def __getitem__(self, index):
+        if not -len(self) <= int(index) < len(self):
+            raise IndexError(f"location {index} of {len(self)}")
+        index = int(index) % len(self)
+        if self._k == 1:
+            return self._read(index)
+        return records.Location(self._read(index),
+                                lambda t: self._read(index, 1 + int(t)))
 
     def __repr__(self) -> str:
         return f"NamedSource({self._directory}, {len(self._paths)} shards)"
@@ -131,14 +150,15 @@ def open_dataset(path: str) -> Dataset:
                     f"corrupt: {problem}); {_fix(path)}.") from None
         raise CorruptShardError(f"the shards listed in {meta_path} cannot be opened "
                                 f"({type(e).__name__}: {e}); {_fix(path)}.") from None
-    counts = meta.get("shard_num_records")
-    if counts is not None and (len(counts) != len(paths) or sum(counts) != len(inner)):
+    k = records.records_per_location(meta)
+    counts = meta.get("shard_num_records")  # locations per shard
+    if counts is not None and (len(counts) != len(paths) or sum(counts) * k != len(inner)):
         raise CorruptShardError(
             f"the shards listed in {meta_path} hold {len(inner)} records, the metadata says "
-            f"{sum(counts)} ({_shard_count_diff(paths, counts)}); {_fix(path)}.")
+            f"{sum(counts) * k} ({_shard_count_diff(paths, counts, k)}); {_fix(path)}.")
     if counts is None:  # older metadata: count per shard (cheap, reads the footers)
-        counts = [_num_records(p) for p in paths]
-    return Dataset(path, meta, meta_path, NamedSource(inner, paths, counts, path))
+        counts = [_num_records(p) // k for p in paths]
+    return Dataset(path, meta, meta_path, NamedSource(inner, paths, counts, path, k))
 
 
 def _num_records(path: str) -> int:
@@ -151,11 +171,12 @@ def _num_records(path: str) -> int:
         reader.close()
 
 
-def _shard_count_diff(paths: list[str], counts: list[int]) -> str:
+def _shard_count_diff(paths: list[str], counts: list[int], k: int) -> str:
     for p, c in zip(paths, counts):
         n = _num_records(p)
-        if n != c:
-            return f"shard {p} has {n} records, expected {c}"
+        if n != c * k:
+            per = "" if k == 1 else f" ({c} locations x {k} records)"
+            return f"shard {p} has {n} records, expected {c * k}{per}"
     return "per-shard counts differ from the metadata"
 
 
