@@ -16,7 +16,8 @@ grayscale, blur, flip, SoftCon normalisation). Measured in the same run:
   it (decode, then per-band normalise / crop / resize / jitter / blur / flip
   in plain NumPy + SciPy, then stack), single process.
 
-MB/s counts decoded record bytes (the whole record, all seasons).
+MB/s counts a location's stored bytes (all four seasons), although with record schema 3
+(one record per season) the pipelines read only the two seasons a sample uses.
 
     python benchmarks/input_pipeline.py            # a few minutes
     python benchmarks/input_pipeline.py --smoke    # seconds, tiny images
