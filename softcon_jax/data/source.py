@@ -4,7 +4,8 @@ Every reader of the project (the Grain pipeline, the online kNN monitor, statist
 benchmarks) opens a dataset through `open_dataset`, so the checks and error messages are the
 same everywhere: a missing `metadata.json` or shard names the file and the command that writes
 it. A shard that cannot be opened (truncated, corrupt) or a record that cannot be read raises
-`CorruptShardError` naming the shard and, where known, the record index in it.
+`CorruptShardError` naming the shard and, where known, the record index in it (the location
+and its record for record schema 3, where a location is 1 + T records).
 """
 
 from __future__ import annotations
