@@ -2,7 +2,8 @@
 
 Order of operations (all index-based, so deterministic and checkpointable)::
 
-    ArrayRecordDataSource(shards)            one record per location
+    open_dataset(path).source                one item per location; its season
+                                             records are read when a view uses them
     .shuffle(seed)                           global, reshuffled every epoch
     [process_index::process_count]           host sharding: disjoint, covering
     .repeat()                                infinite
