@@ -1,13 +1,13 @@
 """Check a converted dataset: ``python -m data_prep.verify DIR``.
 
-Reads every location (its location record and every season record, or its one record
-in datasets written before record schema 3) of every shard listed in
-``DIR/metadata.json`` and checks that it decodes, that image shape (T, C, H, W) and dtype match the metadata,
-that float pixels are finite, that labels are 0/1 and zero where
-``has_label`` is False, that locations are unique and that the per-shard and
-total location counts match the metadata. Prints the counts and one line per bad
-location (shard file and location index in it); exits with status 1 if anything is bad. A shard
-that cannot be opened (truncated, corrupt) is one BAD line naming it.
+Reads every location (its location record and every season record, or its one record in
+datasets written before record schema 3) of every shard listed in ``DIR/metadata.json``
+and checks that it decodes, that image shape (T, C, H, W) and dtype match the metadata,
+that float pixels are finite, that labels are 0/1 and zero where ``has_label`` is False,
+that locations are unique and that the per-shard and total location counts match the
+metadata. Prints the counts and one line per bad location (shard file and location index
+in it); exits with status 1 if anything is bad. A shard that cannot be opened
+(truncated, corrupt) is one BAD line naming it.
 """
 
 from __future__ import annotations
