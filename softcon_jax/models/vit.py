@@ -37,11 +37,40 @@ def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
                         use_fast_variance=False, name=name)
 
 
+# JAX's cuDNN attention (jax 0.10, `jax._src.cudnn.fused_attention_stablehlo.
+# check_is_flash_attention`) refuses training shapes with an odd token count ("Unsupported
+# sequence length Q 257, KV 257"): the ViT recipes' 16 x 16 patches + CLS. An even count passes.
+CUDNN_TOKEN_MULTIPLE = 2
+
+
+def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                     implementation: str = "cudnn",
+                     multiple: int = CUDNN_TOKEN_MULTIPLE) -> jax.Array:
+    """`jax.nn.dot_product_attention` over (B, N, H, D) at a token count the kernel accepts.
+
+    N is padded with zeros to a multiple of `multiple`; the real length goes in as
+    `query_seq_lengths` / `key_value_seq_lengths` (a key padding mask: cuDNN's PADDING mask
+    type, so no query attends to a padding key) and the padded query rows are cut off. The
+    result equals attention over the N real tokens. No padding when N is a multiple already.
+    """
+    n = q.shape[1]
+    padded = -(-n // multiple) * multiple
+    if padded == n:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    widths = ((0, 0), (0, padded - n), (0, 0), (0, 0))
+    lengths = jnp.full((q.shape[0],), n, jnp.int32)
+    y = jax.nn.dot_product_attention(
+        *(jnp.pad(t, widths) for t in (q, k, v)), query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths, implementation=implementation)
+    return y[:, :n]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with fused qkv (timm layout: [q | k | v], heads inner).
 
     `implementation`: None (XLA: einsum, float32 softmax, einsum; any device) or 'cudnn'
-    (cuDNN flash attention through `jax.nn.dot_product_attention`; NVIDIA GPUs, bf16/fp16).
+    (cuDNN flash attention through `jax.nn.dot_product_attention`; NVIDIA GPUs, bf16/fp16;
+    any token count, see `padded_attention`).
     """
 
     num_heads: int
@@ -55,7 +84,7 @@ class Attention(nn.Module):
         qkv = _dense(3 * d, self.dtype, "qkv")(x).reshape(b, n, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (b, n, h, hd)
         if self.implementation == "cudnn":
-            y = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            y = padded_attention(q, k, v, implementation="cudnn")
         elif self.implementation is None:
             logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim ** -0.5, k)
             # Softmax in float32 so bf16 compute stays stable.
@@ -134,7 +163,8 @@ class VisionTransformer(nn.Module):
         in train mode.
       dtype: compute dtype (parameters stay float32).
       attention: None (XLA, the default) or 'cudnn' (cuDNN flash attention through
-        `jax.nn.dot_product_attention`: NVIDIA GPUs, bf16 compute; not CPU/TPU/float32).
+        `jax.nn.dot_product_attention`: NVIDIA GPUs, bf16 compute; not CPU/TPU/float32; an
+        odd token count such as 16 x 16 patches + CLS is padded and masked).
       remat: recompute each block's activations in the backward pass (`nn.remat`); the
         parameters and outputs are unchanged.
     """
