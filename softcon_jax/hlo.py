@@ -4,6 +4,7 @@
 written against XLA:TPU's output, whose shapes carry tiled layouts and whose async
 collectives may be split over chains of fusions). `gathered_bytes` reads a jaxpr: what the
 program asks to all-gather. The pod planner (`softcon_jax.plan`) compares the two.
+`cudnn_attention_flops` counts what XLA's cost analysis cannot see: cuDNN's fused attention.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _BODY = re.compile(r"\bbody=%?([\w.\-]+)")
 _CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
 _S32_CONSTANT = re.compile(r"=\s*s32\[\][^ ]*\s+constant\((\d+)\)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_FMHA = re.compile(r"=\s*(.*?)\s+custom-call\(.*custom_call_target=\"__cudnn\$fmha(\w*)\"")
 
 
 def _arrays(shape_text: str) -> list[int]:
@@ -124,6 +126,27 @@ def collectives(hlo_text: str, *, by_scope: bool = False):
     sums, bn, unknown = total(entry) if entry else ({}, 0, 0)
     result = [{"kind": k, "count": c, "bytes": b} for k, (c, b) in sums.items() if c]
     return (result, bn, unknown) if by_scope else result
+
+
+def cudnn_attention_flops(hlo_text: str) -> int:
+    """FLOPs of the cuDNN fused-attention custom calls (`__cudnn$fmha*`) in HLO text.
+
+    XLA's cost analysis charges such a call -1 FLOP. Each is counted as the kernel computes
+    it, at its padded token counts: forward QK^T and PV, 2 x 2*B*H*T*S*D; backward (flash
+    attention recomputes QK^T, then dV, dP, dQ, dK), 5 x 2*B*H*T*S*D. Shapes: the operands'
+    `operand_layout_constraints` give q and k, the first result is (B, H, T, D).
+    """
+    total = 0
+    for line in hlo_text.splitlines():
+        m = _FMHA.search(line)
+        if not m or "operand_layout_constraints=" not in line:
+            continue
+        result = [int(d) for d in _ARRAY.search(m.group(1)).group(2).split(",")]
+        q, k = (math.prod(int(d) for d in dims.split(",")) for _, dims in _ARRAY.findall(
+            line.split("operand_layout_constraints=", 1)[1])[:2])
+        kv_tokens = result[2] * k // q
+        total += (10 if "Backward" in m.group(2) else 4) * q * kv_tokens
+    return total
 
 
 def gathered_bytes(jaxpr) -> int:

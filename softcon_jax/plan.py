@@ -1,15 +1,20 @@
-"""Plan a pod run on any machine: compile the trainer's step for a TPU slice ahead of time.
+"""Plan a pod run on any machine: compile the trainer's step for a TPU slice or GPU cluster.
 
     python -m softcon_jax.plan --config configs/softcon.py:vitb14,s2c \
         --accelerator-type v5litepod-16 --config.global_batch_size=1024 [--json plan.json]
+    python -m softcon_jax.plan --config configs/softcon.py:vitb14,s2c \
+        --accelerator-type h100-16 --config.global_batch_size=512 [--gpus-per-host 8]
 
-No TPU is needed: with libtpu installed (`pip install softcon-jax[tpu]`), JAX describes the
-slice's devices (`jax.experimental.topologies.get_topology_desc`) and compiles for them on
-the CPU. The program is the trainer's own: `state.create_train_state` and
-`step.jit_train_step` with the same shardings, donation, gathered loss, optimizer and EMA,
-lowered with abstract inputs (nothing is allocated). The report: per-chip memory against
+No TPU or GPU is needed: with libtpu (`pip install softcon-jax[tpu]`) or JAX's CUDA plugin
+(`[gpu-plan]`; `softcon_jax.gpu_targets`), JAX describes the devices
+(`jax.experimental.topologies.get_topology_desc`) and compiles for them on the CPU. The
+program is the trainer's own: `state.create_train_state` and `step.jit_train_step` with the
+same shardings, donation, gathered loss, optimizer and EMA, lowered with abstract inputs
+(nothing is allocated). The report: per-chip memory against
 the chip's HBM (fits or not), FLOPs per chip per step, a roofline bound, every collective
 of the compiled HLO with its bytes, the data-parallel minimum, and the compile time.
+On GPUs "fits" means within what JAX may use (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 by
+default), FLOPs are counted before optimisation, collective time is at NVLink and network.
 
 Exit status 0 when the step fits; 3 when it does not (one line: the shortfall and the
 knobs); 1 on a user error (unknown accelerator type, bad config).
@@ -28,7 +33,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from softcon_jax import cli, overrides
+from softcon_jax import cli, gpu_targets, overrides
 
 EXIT_DOES_NOT_FIT = 3
 
@@ -153,8 +158,8 @@ def _batch_spec(config, method, stored_image_size: int | None):
 
 
 def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | None = None,
-         stored_image_size: int | None = None) -> dict:
-    """Compiles the train step for the slice; returns the report (see module docstring)."""
+         stored_image_size: int | None = None, gpus_per_host: int | None = None) -> dict:
+    """Compiles the train step for the slice or cluster; returns the report (see above)."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU metadata server here
     # Several plans (or tests) may run at once; libtpu otherwise locks /tmp/libtpu_lockfile.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -165,11 +170,17 @@ def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | Non
     from softcon_jax.hlo import collectives, gathered_bytes
     from softcon_jax.registry import import_modules
 
-    chip, n_chips, topology = parse_accelerator_type(accelerator_type)
+    gpu = None
+    if gpu_targets.is_gpu_type(accelerator_type):
+        gpu = gpu_targets.parse_accelerator_type(accelerator_type, gpus_per_host, num_slices)
+        topology, hbm_bytes = gpu.topology, gpu.gpu.hbm_bytes()
+    else:
+        chip, n_chips, topology = parse_accelerator_type(accelerator_type)
+        hbm_bytes = chip.hbm_bytes
     if num_slices < 1:
         raise cli.UserValueError(f"--num-slices={num_slices}; expected a positive integer.")
     import_modules(config.get("imports"))
-    devices = _topology_devices(topology, num_slices)
+    devices = gpu.devices() if gpu else _topology_devices(topology, num_slices)
     try:
         mesh = sharding.make_mesh(config.mesh, devices)
     except AssertionError as e:  # jax's mesh builder on a per-TensorCore v4 description
@@ -201,9 +212,10 @@ def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | Non
         "global_batch_size": int(config.global_batch_size),
         "augment_on": "host" if preprocess is None else "device",
         "per_device_batch": int(config.global_batch_size) // n_dev,
-        "hbm_bytes": chip.hbm_bytes,
+        "hbm_bytes": hbm_bytes,
         "param_count": sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params)),
     }
+    report.update(gpu.report_fields() if gpu else {})
     t0 = time.perf_counter()
     lowered = step_fn.lower(abstract_state, batch)
     jaxpr = jax.make_jaxpr(step_fn)(abstract_state, batch)
@@ -229,10 +241,15 @@ def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | Non
               "generated_code": int(mem.generated_code_size_in_bytes)}
     memory["total"] = (memory["arguments"] + memory["outputs"] + memory["temporaries"]
                        + memory["generated_code"] - memory["aliased"])
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0))
-    hbm_traffic = float(cost.get("bytes accessed", 0.0))
+    if gpu:  # a deviceless GPU executable has no cost analysis
+        flops, report["flops_loops_counted_once"] = gpu_targets.flops_per_device(lowered, n_dev)
+        hbm_traffic, peak, hbm_rate = gpu.bytes_accessed(compiled), *gpu.rates()
+    else:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops", 0.0))
+        hbm_traffic = float(cost.get("bytes accessed", 0.0))
+        peak, hbm_rate = chip.peak_bf16_flops, chip.hbm_bytes_per_s
     hlo = compiled.as_text()
     if hlo_path:
         with open(hlo_path, "w") as out:
@@ -245,17 +262,18 @@ def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | Non
     minimum_parts = {"gradients": param_bytes, "gathered": gathered_bytes(jaxpr.jaxpr),
                      "batch_norm_statistics": bn_bytes}
     minimum = sum(minimum_parts.values())
-    step_s = max(flops / chip.peak_bf16_flops, hbm_traffic / chip.hbm_bytes_per_s)
+    step_s = max(flops / peak, hbm_traffic / hbm_rate)
     report.update(
-        fits=memory["total"] <= chip.hbm_bytes, memory_bytes=memory,
+        fits=memory["total"] <= report.get("usable_bytes", hbm_bytes), memory_bytes=memory,
         flops_per_device=flops, hbm_bytes_accessed=hbm_traffic,
         roofline_step_s=step_s,
         roofline_images_per_s_per_device=(report["per_device_batch"] / step_s
                                           if step_s else None),
         collectives=colls, collective_bytes=sent, min_collective_bytes=minimum,
         min_collective_parts=minimum_parts, loops_with_unknown_trip_count=unknown_loops,
-        collective_ratio=round(sent / minimum, 3) if minimum else None,
-        collective_s_at_ici=sent / chip.ici_bytes_per_s)
+        collective_ratio=round(sent / minimum, 3) if minimum else None)
+    report.update(gpu.collective_seconds(sent) if gpu else
+                  {"collective_s_at_ici": sent / chip.ici_bytes_per_s})
     return report
 
 
@@ -273,17 +291,22 @@ def knobs(config) -> str:
 
 
 def shortfall_gib(report: dict) -> float:
-    """How much more than the chip has the step needs (GiB per chip)."""
+    """How much more than the chip has (a GPU: may use) the step needs (GiB per device)."""
     if report["memory_bytes"] is not None:
-        return (report["memory_bytes"]["total"] - report["hbm_bytes"]) / GiB
+        usable = report.get("usable_bytes", report["hbm_bytes"])
+        return (report["memory_bytes"]["total"] - usable) / GiB
     available = report.get("available_gib", report["hbm_bytes"] / GiB)
     return report.get("required_gib", float("nan")) - available
 
 
 def format_report(r: dict) -> str:
-    lines = [f"slice {r['accelerator_type']} x{r['num_slices']} ({r['topology']}): "
-             f"{r['devices']} chips, mesh {r['mesh']}, per-chip batch {r['per_device_batch']} "
-             f"(global {r['global_batch_size']}), {r['param_count']:,} parameters",
+    dev = "GPU" if "gpus_per_host" in r else "chip"
+    where = (f"cluster {r['accelerator_type']} ({r['hosts']} host(s) x "
+             f"{r['devices'] // r['hosts']} GPUs, topology {r['topology']})" if dev == "GPU"
+             else f"slice {r['accelerator_type']} x{r['num_slices']} ({r['topology']})")
+    lines = [f"{where}: {r['devices']} {dev}s, mesh {r['mesh']}, per-{dev} batch "
+             f"{r['per_device_batch']} (global {r['global_batch_size']}), "
+             f"{r['param_count']:,} parameters",
              f"compile: {r['compile_s']:.1f} s"]
     hbm = r["hbm_bytes"] / GiB
     if r["memory_bytes"] is None:
@@ -291,25 +314,36 @@ def format_report(r: dict) -> str:
                      f"{r.get('available_gib', '?')} GiB available per chip")
         return "\n".join(lines)
     m = {k: v / GiB for k, v in r["memory_bytes"].items()}
-    lines.append(f"memory per chip: arguments {m['arguments']:.2f} GiB, outputs "
+    usable = (f" ({r['usable_bytes'] / GiB:.1f} GiB usable: JAX's share "
+              f"{r['memory_fraction']:g})" if dev == "GPU" else "")
+    lines.append(f"memory per {dev}: arguments {m['arguments']:.2f} GiB, outputs "
                  f"{m['outputs']:.2f}, temporaries {m['temporaries']:.2f}, aliased "
-                 f"{m['aliased']:.2f}, total {m['total']:.2f} of {hbm:.0f} GiB HBM: "
+                 f"{m['aliased']:.2f}, total {m['total']:.2f} of {hbm:.0f} GiB HBM{usable}: "
                  + ("fits" if r["fits"] else "DOES NOT FIT"))
-    lines.append(f"compute per chip per step: {r['flops_per_device'] / 1e12:.2f} TFLOP, "
+    lines.append(f"compute per {dev} per step: {r['flops_per_device'] / 1e12:.2f} TFLOP, "
                  f"{r['hbm_bytes_accessed'] / GiB:.1f} GiB HBM traffic; roofline >= "
                  f"{r['roofline_step_s'] * 1e3:.3g} ms/step, <= "
-                 f"{r['roofline_images_per_s_per_device']:.0f} img/s/chip")
+                 f"{r['roofline_images_per_s_per_device']:.0f} img/s/{dev}")
     for c in r["collectives"]:
-        lines.append(f"  {c['kind']:<18} x{c['count']:<4} {c['bytes'] / 2**20:10.2f} MiB/chip")
+        lines.append(f"  {c['kind']:<18} x{c['count']:<4} {c['bytes'] / 2**20:10.2f} "
+                     f"MiB/{dev}")
     parts = ", ".join(f"{name.replace('_', ' ')} {n / 2**20:.2f}"
                       for name, n in r["min_collective_parts"].items())
-    lines.append(f"collectives: {r['collective_bytes'] / 2**20:.2f} MiB/chip/step; "
+    if dev == "GPU":
+        at = f"{r['collective_s_at_nvlink'] * 1e3:.3g} ms at NVLink"
+        if r["collective_s_at_network"] is not None:
+            at += f", {r['collective_s_at_network'] * 1e3:.3g} ms at the network between hosts"
+    else:
+        at = f"{r['collective_s_at_ici'] * 1e3:.3g} ms at the chip's ICI bandwidth"
+    lines.append(f"collectives: {r['collective_bytes'] / 2**20:.2f} MiB/{dev}/step; "
                  f"data-parallel minimum {r['min_collective_bytes'] / 2**20:.2f} MiB "
-                 f"({parts}), ratio {r['collective_ratio']}; "
-                 f"{r['collective_s_at_ici'] * 1e3:.3g} ms at the chip's ICI bandwidth")
+                 f"({parts}), ratio {r['collective_ratio']}; {at}")
     if r.get("loops_with_unknown_trip_count"):
         lines.append(f"  ({r['loops_with_unknown_trip_count']} loops with collectives have "
                      "an unknown trip count and are counted once)")
+    if r.get("flops_loops_counted_once"):
+        lines.append(f"  ({r['flops_loops_counted_once']} loops: their FLOPs are counted "
+                     "for one iteration)")
     return "\n".join(lines)
 
 
@@ -317,8 +351,10 @@ def _define_flags():
     config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
                                     lock_config=True)
     flags.DEFINE_string("accelerator-type", None, "TPU slice as gcloud writes it, e.g. "
-                        "v5litepod-16, v4-32 (TensorCores), v5p-128, v6e-64.")
+                        "v5litepod-16, v4-32 (TensorCores), v5p-128, v6e-64; or N NVIDIA "
+                        "GPUs: h100-16, a100-8, h200-64, b200-8.")
     flags.DEFINE_integer("num-slices", 1, "Slices (multislice over DCN).")
+    flags.DEFINE_integer("gpus-per-host", None, "GPUs per host of a GPU cluster (default 8).")
     flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
     flags.DEFINE_string("hlo", None, "Also write the compiled HLO text to this file.")
     flags.DEFINE_integer("stored-image-size", None, "Side of the stored images, for "
@@ -336,7 +372,7 @@ def main(argv):
     f = flags.FLAGS
     accelerator = f["accelerator-type"].value
     report = plan(f.config, accelerator, f["num-slices"].value, f.hlo,
-                  f["stored-image-size"].value)
+                  f["stored-image-size"].value, f["gpus-per-host"].value)
     if not report["fits"]:
         report.update(shortfall_gib=round(shortfall_gib(report), 2), knobs=knobs(f.config))
     print(format_report(report))
@@ -344,7 +380,9 @@ def main(argv):
         with open(f.json, "w") as out:
             json.dump(report, out, indent=1)
     if not report["fits"]:
-        print(f"error: does not fit: {shortfall_gib(report):.2f} GiB per chip over the HBM of "
+        over = ("GPU over the usable memory (JAX's share of HBM) of a GPU of"
+                if "usable_bytes" in report else "chip over the HBM of")
+        print(f"error: does not fit: {shortfall_gib(report):.2f} GiB per {over} "
               f"{accelerator}; try {knobs(f.config)}.", file=sys.stderr)
         return EXIT_DOES_NOT_FIT
     return 0
