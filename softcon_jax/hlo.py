@@ -4,7 +4,8 @@
 written against XLA:TPU's output, whose shapes carry tiled layouts and whose async
 collectives may be split over chains of fusions). `gathered_bytes` reads a jaxpr: what the
 program asks to all-gather. The pod planner (`softcon_jax.plan`) compares the two.
-`cudnn_attention_flops` counts what XLA's cost analysis cannot see: cuDNN's fused attention.
+`cudnn_attention_flops` reads a jaxpr for what XLA's cost analysis cannot see: cuDNN's
+fused attention.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ _BODY = re.compile(r"\bbody=%?([\w.\-]+)")
 _CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
 _S32_CONSTANT = re.compile(r"=\s*s32\[\][^ ]*\s+constant\((\d+)\)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_FMHA = re.compile(r"=\s*(.*?)\s+custom-call\(.*custom_call_target=\"__cudnn\$fmha(\w*)\"")
 
 
 def _arrays(shape_text: str) -> list[int]:
@@ -128,24 +128,24 @@ def collectives(hlo_text: str, *, by_scope: bool = False):
     return (result, bn, unknown) if by_scope else result
 
 
-def cudnn_attention_flops(hlo_text: str) -> int:
-    """FLOPs of the cuDNN fused-attention custom calls (`__cudnn$fmha*`) in HLO text.
+def cudnn_attention_flops(jaxpr) -> int:
+    """FLOPs of cuDNN's fused attention in a jaxpr (`jax.nn.dot_product_attention`, cudnn).
 
-    XLA's cost analysis charges such a call -1 FLOP. Each is counted as the kernel computes
-    it, at its padded token counts: forward QK^T and PV, 2 x 2*B*H*T*S*D; backward (flash
-    attention recomputes QK^T, then dV, dP, dQ, dK), 5 x 2*B*H*T*S*D. Shapes: the operands'
-    `operand_layout_constraints` give q and k, the first result is (B, H, T, D).
+    XLA's cost analysis cannot see into the custom calls these become. Each is counted as
+    the kernel computes it, at its (padded) shapes: forward QK^T and PV, 2 x 2*B*H*T*S*D;
+    backward (flash attention recomputes QK^T, then dV, dP, dQ, dK), 5 x 2*B*H*T*S*D. The
+    primitives' `layout` is JAX's AttentionLayout: 0 = (B, T, H, D), 1 = (B, H, T, D).
     """
     total = 0
-    for line in hlo_text.splitlines():
-        m = _FMHA.search(line)
-        if not m or "operand_layout_constraints=" not in line:
-            continue
-        result = [int(d) for d in _ARRAY.search(m.group(1)).group(2).split(",")]
-        q, k = (math.prod(int(d) for d in dims.split(",")) for _, dims in _ARRAY.findall(
-            line.split("operand_layout_constraints=", 1)[1])[:2])
-        kv_tokens = result[2] * k // q
-        total += (10 if "Backward" in m.group(2) else 4) * q * kv_tokens
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name.startswith("dot_product_attention_") and name.endswith("_wrapper"):
+            q, k = (v.aval.shape for v in eqn.invars[:2])
+            kv_tokens = k[1] if eqn.params.get("layout", 0) == 0 else k[2]
+            passes = 5 if "_bwd" in name else 2 if "_fwd" in name else 0
+            total += passes * 2 * math.prod(q) * kv_tokens
+        for sub in jax_core_subjaxprs(eqn):
+            total += cudnn_attention_flops(sub)
     return total
 
 

@@ -242,7 +242,8 @@ def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | Non
     memory["total"] = (memory["arguments"] + memory["outputs"] + memory["temporaries"]
                        + memory["generated_code"] - memory["aliased"])
     if gpu:  # a deviceless GPU executable has no cost analysis
-        flops, report["flops_loops_counted_once"] = gpu_targets.flops_per_device(lowered, n_dev)
+        flops, report["flops_loops_counted_once"] = gpu_targets.flops_per_device(
+            lowered, jaxpr.jaxpr, n_dev)
         hbm_traffic, peak, hbm_rate = gpu.bytes_accessed(compiled), *gpu.rates()
     else:
         cost = compiled.cost_analysis()

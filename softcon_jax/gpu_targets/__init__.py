@@ -169,23 +169,24 @@ def _cost(hlo_module) -> dict:
     return xla_client._xla.hlo_module_cost_analysis(jax.devices("cpu")[0].client, hlo_module)
 
 
-def flops_per_device(lowered, num_devices: int) -> tuple[float, int]:
-    """(FLOPs per device per step, while loops XLA counted once) of a lowered jit program.
+def flops_per_device(lowered, jaxpr, num_devices: int) -> tuple[float, int]:
+    """(FLOPs per device per step, while loops XLA counted once) of a jit program.
 
     A deviceless GPU executable has no `cost_analysis()`, and in the optimised program XLA
     cannot see into cuDNN convolutions or attention (custom calls). So: XLA's cost analysis
-    of the program before optimisation (the whole SPMD program; convolutions and matmuls
-    are still plain ops), plus the cuDNN attention calls counted from their shapes
-    (`hlo.cudnn_attention_flops`), divided by the devices: the batch is split evenly, so
-    each device computes its share. What every device repeats (the replicated optimizer
-    update) is counted once; it is small next to the model. A loop body is counted once
-    whatever its trip count (XLA's convention); the count of such loops comes back.
+    of the program before optimisation (`lowered`: the whole SPMD program, convolutions
+    and matmuls still plain ops), plus cuDNN attention counted from its shapes in the
+    program's `jaxpr` (`hlo.cudnn_attention_flops`), divided by the devices: the batch is
+    split evenly, so each device computes its share. What every device repeats (the
+    replicated optimizer update) is counted once; it is small next to the model. A loop
+    body is counted once whatever its trip count (XLA's convention); the count of such
+    loops comes back.
     """
     from softcon_jax.hlo import cudnn_attention_flops
 
     computation = lowered.compiler_ir("hlo")
     text = computation.as_hlo_text()
     flops = float(_cost(computation.get_hlo_module()).get("flops", 0.0))
-    flops += cudnn_attention_flops(text)
+    flops += cudnn_attention_flops(jaxpr)
     return flops / num_devices, len(re.findall(r"\swhile\(", text))
 
