@@ -220,7 +220,7 @@ def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | Non
     lowered = step_fn.lower(abstract_state, batch)
     jaxpr = jax.make_jaxpr(step_fn)(abstract_state, batch)
     try:
-        compiled = lowered.compile()
+        compiled = gpu.compile(lowered, report) if gpu else lowered.compile()
     except Exception as e:  # XLA refuses a program that does not fit in HBM
         m = _OOM.search(str(e))
         if "RESOURCE_EXHAUSTED" not in str(e):
@@ -330,22 +330,15 @@ def format_report(r: dict) -> str:
                      f"MiB/{dev}")
     parts = ", ".join(f"{name.replace('_', ' ')} {n / 2**20:.2f}"
                       for name, n in r["min_collective_parts"].items())
-    if dev == "GPU":
-        at = f"{r['collective_s_at_nvlink'] * 1e3:.3g} ms at NVLink"
-        if r["collective_s_at_network"] is not None:
-            at += f", {r['collective_s_at_network'] * 1e3:.3g} ms at the network between hosts"
-    else:
-        at = f"{r['collective_s_at_ici'] * 1e3:.3g} ms at the chip's ICI bandwidth"
+    at, notes = (gpu_targets.report_text(r) if dev == "GPU" else
+                 (f"{r['collective_s_at_ici'] * 1e3:.3g} ms at the chip's ICI bandwidth", []))
     lines.append(f"collectives: {r['collective_bytes'] / 2**20:.2f} MiB/{dev}/step; "
                  f"data-parallel minimum {r['min_collective_bytes'] / 2**20:.2f} MiB "
                  f"({parts}), ratio {r['collective_ratio']}; {at}")
     if r.get("loops_with_unknown_trip_count"):
         lines.append(f"  ({r['loops_with_unknown_trip_count']} loops with collectives have "
                      "an unknown trip count and are counted once)")
-    if r.get("flops_loops_counted_once"):
-        lines.append(f"  ({r['flops_loops_counted_once']} loops: their FLOPs are counted "
-                     "for one iteration)")
-    return "\n".join(lines)
+    return "\n".join(lines + notes)
 
 
 def _define_flags():
@@ -381,7 +374,7 @@ def main(argv):
         with open(f.json, "w") as out:
             json.dump(report, out, indent=1)
     if not report["fits"]:
-        over = ("GPU over the usable memory (JAX's share of HBM) of a GPU of"
+        over = ("GPU over the usable memory (JAX's share of HBM) of"
                 if "usable_bytes" in report else "chip over the HBM of")
         print(f"error: does not fit: {shortfall_gib(report):.2f} GiB per {over} "
               f"{accelerator}; try {knobs(f.config)}.", file=sys.stderr)
