@@ -101,7 +101,6 @@ def test_usable_memory_fraction(monkeypatch):
 @needs_cuda_plugin
 def test_gpu_flops_per_device_against_a_hand_count():
     """Convolution, dense and cuDNN attention (49 tokens, padded to 50), data parallel."""
-    jax.config.update("jax_platforms", "cpu")
     devices = gpu_targets.parse_accelerator_type("h100-8").devices()
     mesh = jax.sharding.Mesh(devices, ("data",))
     b, s, c, f, heads, dim = 32, 7, 4, 16, 2, 8
@@ -189,3 +188,13 @@ def test_gpu_plan_over_the_usable_memory_exits_3(tmp_path):
     assert r["fits"] is False and r["memory_fraction"] == 0.000001
     assert r["shortfall_gib"] == pytest.approx(
         (r["memory_bytes"]["total"] - r["usable_bytes"]) / 2**30, abs=0.01)
+
+
+def test_pod_plans_gpu_table_marks_rows_not_compiled():
+    sys.path.insert(0, "benchmarks")
+    import pod_plans
+
+    text = pod_plans.gpu_table({})
+    # 2 ViTs x (XLA, cuDNN attention) + 2 ResNets, at 1x and 4x the recipe batch, 3 clusters.
+    assert text.count("not compiled here (command: `python -m softcon_jax.plan") == 6 * 2 * 3
+    assert text.count("attention=cudnn`") == 2 * 2 * 3
