@@ -122,12 +122,13 @@ def test_gpu_flops_per_device_against_a_hand_count():
                                                 jax.make_jaxpr(step)(params, x).jaxpr,
                                                 len(devices))
     tokens, padded = b * s * s, s * s + 1
-    conv = 2 * tokens * f * 9 * c          # forward; backward: the kernel's gradient only
+    # 3x3 'SAME' on 7x7: the border outputs see fewer taps (2+3+3+3+3+3+2 = 19 per axis).
+    conv = 2 * b * 19 * 19 * f * c         # forward; backward: the kernel's gradient only
     dense = 2 * tokens * f * 3 * f         # forward; backward: kernel and input gradients
     attention = 2 * b * heads * padded * padded * dim  # one of the kernels' matmuls
     hand = 2 * conv + 3 * dense + (2 + 5) * attention
     assert loops == 0
-    assert flops == pytest.approx(hand / len(devices), rel=0.03)
+    assert flops == pytest.approx(hand / len(devices), rel=0.02)
 
 
 @needs_cuda_plugin
