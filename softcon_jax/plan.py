@@ -10,9 +10,9 @@ No TPU or GPU is needed: with libtpu (`pip install softcon-jax[tpu]`) or JAX's C
 (`jax.experimental.topologies.get_topology_desc`) and compiles for them on the CPU. The
 program is the trainer's own: `state.create_train_state` and `step.jit_train_step` with the
 same shardings, donation, gathered loss, optimizer and EMA, lowered with abstract inputs
-(nothing is allocated). The report: per-chip memory against
-the chip's HBM (fits or not), FLOPs per chip per step, a roofline bound, every collective
-of the compiled HLO with its bytes, the data-parallel minimum, and the compile time.
+(nothing is allocated). The report: per-chip memory against the chip's HBM (fits or not),
+FLOPs per chip per step, a roofline bound, every collective of the compiled HLO with its
+bytes, the data-parallel minimum, and the compile time.
 On GPUs "fits" means within what JAX may use (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 by
 default), FLOPs are counted before optimisation, collective time is at NVLink and network.
 
@@ -91,7 +91,8 @@ def parse_accelerator_type(text: str) -> tuple[Chip, int, str]:
     if chip is None or int(m.group(2)) % chip.cores_per_chip or n not in table:
         raise cli.UserValueError(
             f"--accelerator-type={text!r}: unknown TPU slice. Valid types (as gcloud writes "
-            f"them; v4/v5p count TensorCores, 2 per chip): {', '.join(valid_types())}.")
+            f"them; v4/v5p count TensorCores, 2 per chip): {', '.join(valid_types())}; "
+            f"NVIDIA GPU clusters: {gpu_targets.valid_types()}.")
     return chip, n, f"{chip.topology_prefix}:{table[n]}"
 
 
