@@ -159,6 +159,9 @@ def gpu_table(results: dict, multiples=(1, 4), clusters=GPU_CLUSTERS) -> str:
                         rows.append(f"{lead} {r['status']} | | | | | | | | |")
                     else:
                         net = r["collective_s_at_network"]
+                        knobs = " ".join(r["knobs"]) or "none"
+                        if r.get("compiler_options"):  # no Triton tiling without a device
+                            knobs += " (cuBLAS matmuls)"
                         rows.append(
                             f"{lead} {'yes' if r['fits'] else 'no'} | "
                             f"{r['memory_bytes']['total'] / 2**30:.2f} of "
@@ -168,8 +171,7 @@ def gpu_table(results: dict, multiples=(1, 4), clusters=GPU_CLUSTERS) -> str:
                             f"{r['collective_bytes'] / 2**20:.1f} | "
                             f"{r['collective_ratio']:.2f} | "
                             f"{r['collective_s_at_nvlink'] * 1e3:.2f} | "
-                            f"{'-' if net is None else f'{net * 1e3:.1f}'} | "
-                            f"{' '.join(r['knobs']) or 'none'} |")
+                            f"{'-' if net is None else f'{net * 1e3:.1f}'} | {knobs} |")
     return "\n".join(rows)
 
 
