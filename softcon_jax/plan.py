@@ -178,6 +178,8 @@ def plan(config, accelerator_type: str, num_slices: int = 1, hlo_path: str | Non
     else:
         chip, n_chips, topology = parse_accelerator_type(accelerator_type)
         hbm_bytes = chip.hbm_bytes
+        if gpus_per_host is not None:
+            raise cli.UserValueError("--gpus-per-host is for GPU clusters (h100-16, ...).")
     if num_slices < 1:
         raise cli.UserValueError(f"--num-slices={num_slices}; expected a positive integer.")
     import_modules(config.get("imports"))
