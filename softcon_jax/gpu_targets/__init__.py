@@ -99,9 +99,10 @@ class Cluster:
         """`lowered.compile()`, or without Triton GEMMs where XLA cannot tile one.
 
         Without a device XLA:GPU cannot autotune and takes default Triton tilings; for some
-        fusions it finds none ("Couldn't find output tile sizes", seen with the ViT recipes
-        at 512 per GPU). On a GPU the autotuner would fall back to cuBLAS; so does this
-        (`xla_gpu_enable_triton_gemm=False`), and the report says so (`compiler_options`).
+        fusions it finds none ("Couldn't find output tile sizes", seen with the ViT recipes'
+        steps at 64 and 512 per GPU). On a GPU the autotuner would fall back to cuBLAS; so
+        does this (`xla_gpu_enable_triton_gemm=False`), and the report says so
+        (`compiler_options`).
         """
         try:
             return lowered.compile()
