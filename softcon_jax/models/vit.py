@@ -39,7 +39,8 @@ def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
 
 # JAX's cuDNN attention (jax 0.10, `jax._src.cudnn.fused_attention_stablehlo.
 # check_is_flash_attention`) refuses training shapes with an odd token count ("Unsupported
-# sequence length Q 257, KV 257"): the ViT recipes' 16 x 16 patches + CLS. An even count passes.
+# sequence length Q 257, KV 257"; its rule for a bias, and the empty placeholder it passes
+# without one counts as one): the ViT recipes' 16 x 16 patches + CLS. An even count passes.
 CUDNN_TOKEN_MULTIPLE = 2
 
 
