@@ -96,9 +96,11 @@ def load_pretrained_backbone(config, method, state, state_shardings):
         pos_embed_interpolation=config.init.get("pos_embed_interpolation", "timm"),
         seed=config.seed, **kwargs)
     params, model_state = method.with_backbone(state.params, state.model_state, variables)
-    # Optimizer state is zeros for every optimizer here, so it stays valid.
+    # Optimizer state is zeros for every optimizer here, so it stays valid. Student and
+    # teacher hold the same arrays now: copy (may_alias=False), or the donating train step
+    # would get one buffer twice.
     return jax.device_put(state.replace(params=params, model_state=model_state),
-                          state_shardings)
+                          state_shardings, may_alias=False)
 
 
 def restore_backbone(workdir: str, step: int | None = None, which: str = "teacher"):

@@ -28,27 +28,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import re
 import shlex
-import subprocess
 import sys
-import time
 from typing import Any
 
 from softcon_jax import cli, overrides, study_report
-
-log = logging.getLogger("softcon_jax.study")
+from softcon_jax.study_run import Run, run_one
 
 _ARM_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 # Overrides are split at commas followed by `key=`, so tuple values keep theirs:
 # `data.augment.crop_scale=(0.3,1.0),model.mask_ratio=0.5`.
 _SPLIT = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_.]*=)")
 _CONFIG_FLAG = re.compile(r"^--?config\.([A-Za-z0-9_.]+)=")
-RUN_RECORD = "study_run.json"
-RUN_CONFIG = "study_config.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,15 +89,6 @@ def build_config(spec: str, flag_args: list[str], where: str) -> Any:
 
 # ==== The plan: arms x seeds ==============================================================
 
-@dataclasses.dataclass
-class Run:
-    arm: Arm
-    seed: int
-    config: Any
-    directory: str
-    command: list[str]  # the trainer's command line
-
-
 def plan_runs(args) -> list[Run]:
     """Checks every key of every arm (one line on error), then builds each run's config."""
     base = overrides.load_config(args.config)
@@ -129,165 +114,6 @@ def plan_runs(args) -> list[Run]:
                        "--workdir", directory, *flag_args, f"--config.seed={seed}"]
             runs.append(Run(arm, seed, c, directory, command))
     return runs
-
-
-# ==== One run: train (or reuse), evaluate =================================================
-
-def _latest_step(directory: str) -> int | None:
-    if not os.path.isdir(os.path.join(directory, "checkpoints")):
-        return None
-    from softcon_jax.checkpoint import Checkpointer
-
-    ckpt = Checkpointer(directory, async_save=False, create=False)
-    try:
-        return ckpt.latest_step()
-    finally:
-        ckpt.close()
-
-
-def _flat(tree: Any, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: tree}
-
-
-def _check_same_config(run: Run) -> None:
-    """A run directory holds one config: another one there is an error, nothing is touched."""
-    path = os.path.join(run.directory, RUN_CONFIG)
-    new = json.loads(run.config.to_json_best_effort())
-    if os.path.exists(path):
-        old = json.load(open(path))
-        differ = sorted(k for k in set(_flat(old)) | set(_flat(new))
-                        if _flat(old).get(k, "<unset>") != _flat(new).get(k, "<unset>"))
-        if differ:
-            raise cli.UserValueError(
-                f"{run.directory} holds a run of another config (differs in config."
-                f"{', config.'.join(differ[:5])}); use another --workdir or remove it.")
-        return
-    os.makedirs(run.directory, exist_ok=True)
-    study_report.write_json(path, new)
-
-
-def write_initial_checkpoint(config: Any, directory: str) -> None:
-    """Checkpoint 0 of a `total_steps=0` arm: the state training would start from."""
-    from softcon_jax import methods, optim, sharding, state
-    from softcon_jax.checkpoint import Checkpointer
-
-    mesh = sharding.make_mesh(config.mesh)
-    method = methods.get(config.method)(config, mesh)
-    tx, _ = optim.make_optimizer(config)
-    init_fn, rng, _, shardings = state.create_train_state(config, method, tx, mesh)
-    s = init_fn(rng)
-    if config.get("init") and config.init.get("weights"):
-        s = state.load_pretrained_backbone(config, method, s, shardings)
-    ckpt = Checkpointer(directory, keep=1, async_save=False)
-    try:
-        ckpt.save(0, s, None, config)
-        ckpt.wait()
-    finally:
-        ckpt.close()
-
-
-def train(run: Run) -> tuple[str, float]:
-    """Trains, resumes or reuses the run; returns (what happened, seconds)."""
-    total = int(run.config.total_steps)
-    done = _latest_step(run.directory)
-    if done is not None and done >= total:
-        return "reused", 0.0
-    t0 = time.perf_counter()
-    if total == 0:
-        write_initial_checkpoint(run.config, run.directory)
-        return "initialised", time.perf_counter() - t0
-    log_path = os.path.join(run.directory, "train.log")
-    with open(log_path, "a") as out:
-        rc = subprocess.run(run.command, stdout=out, stderr=subprocess.STDOUT).returncode
-    if rc:
-        tail = open(log_path, errors="replace").read().strip().splitlines()[-3:]
-        raise cli.UserValueError(f"{run.directory}: the trainer exited with status {rc}; "
-                                 f"log {log_path} ends: {' | '.join(tail)}")
-    return ("resumed" if done else "trained"), time.perf_counter() - t0
-
-
-def online_knn_metrics(config: Any, backbone: Any) -> dict:
-    """The online kNN monitor of `config.eval` on a frozen backbone, now (one device)."""
-    import jax
-
-    from softcon_jax import sharding
-    from softcon_jax.evaluators.online_knn import OnlineKNN
-
-    c = config.copy_and_resolve_references()
-    c.eval.every_steps = 1  # the split and its settings; the monitor's schedule is not used
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
-    model = backbone.model
-    variables = {k: v for k, v in backbone.variables.items() if k in ("params", "batch_stats")}
-    monitor = OnlineKNN(c, mesh, lambda v, x: model.apply(v, x, train=False),
-                        lambda _: variables)
-    scalars = monitor.run(None)
-    return {k.split("/", 1)[1]: float(v) for k, v in scalars.items() if "time" not in k}
-
-
-def step_gflops(config: Any) -> float:
-    """XLA's cost analysis of the lowered train step, GFLOP per global batch.
-
-    The views come from the host (`augment_on='host'`), so augmentation is not counted:
-    what differs between arms is the model's forward, backward and update.
-    """
-    import jax
-
-    from softcon_jax import data, methods, optim, sharding, state, step
-
-    c = config.copy_and_resolve_references()
-    c.data.augment_on = "host"
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
-    method = methods.get(c.method)(c, mesh)
-    tx, schedule = optim.make_optimizer(c)
-    _, _, abstract, shardings = state.create_train_state(c, method, tx, mesh)
-    spec = method.views.element_spec(int(c.data.image_size), int(c.data.in_channels),
-                                     data.input_dtype(c))
-    batch = {k: jax.ShapeDtypeStruct((int(c.global_batch_size),) + tuple(shape), dtype)
-             for k, (shape, dtype) in spec.items()}
-    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract, shardings)
-    fn = step.jit_train_step(c, method, tx, schedule, mesh, shardings)
-    cost = fn.lower(abstract_state, batch).cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0)) / 1e9
-
-
-def evaluate(run: Run, tasks: list[str], opts: Any) -> dict:
-    """Metrics of the run's final teacher: online kNN split, then the TFDS tasks."""
-    from softcon_jax.evaluators.tasks import evaluate as evaluate_task
-    from softcon_jax.pretrained import load_from_workdir
-
-    backbone = load_from_workdir(run.directory)
-    metrics = {}
-    if run.config.eval.get("data_path"):
-        metrics.update(online_knn_metrics(run.config, backbone))
-    for task in tasks:
-        result = evaluate_task(backbone, task, opts)
-        metrics.update({f"{task}/{k}": float(v) for k, v in result["metrics"].items()
-                        if isinstance(v, (int, float))})
-    return {"step": int(backbone.step), "metrics": metrics}
-
-
-def run_one(run: Run, tasks: list[str], opts: Any) -> dict:
-    """Trains (or reuses) and evaluates one run; writes and returns its record."""
-    from softcon_jax.registry import import_modules
-
-    import_modules(run.config.get("imports"))
-    _check_same_config(run)
-    path = os.path.join(run.directory, RUN_RECORD)
-    status, seconds = train(run)
-    old = json.load(open(path)) if os.path.exists(path) else None
-    if status == "reused" and old and set(old.get("tasks", [])) >= set(tasks):
-        return {**old, "status": "reused"}
-    record = {"arm": run.arm.name, "seed": run.seed, "overrides": list(run.arm.overrides),
-              "tasks": list(tasks), **evaluate(run, tasks, opts),
-              "train_s": round(seconds, 1) if status != "reused" else (old or {}).get("train_s"),
-              "step_gflops": (old or {}).get("step_gflops") or step_gflops(run.config),
-              "curves": study_report.read_curves(run.directory)}
-    study_report.write_json(path, record)
-    return {**record, "status": status}
 
 
 # ==== Command line ========================================================================
@@ -374,8 +200,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         chosen = [r for r in runs
                   if (args.arm_index is None or r.arm.name == names[args.arm_index])
                   and (args.seed_index is None or r.seed == args.seed_index)]
+        gflops = {}
         for i, r in enumerate(chosen):
-            record = run_one(r, tasks, opts)
+            record = run_one(r, tasks, opts, gflops)
             shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(record["metrics"].items()))
             print(f"[{i + 1}/{len(chosen)}] {r.arm.name} seed {r.seed}: {record['status']} "
                   f"(step {record['step']}): {shown}", flush=True)
