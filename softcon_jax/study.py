@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> dict | None:
             raise cli.UsageError(f"--eval: unknown task(s) {unknown}; available: "
                                  f"{', '.join(available_tasks())}.")
     runs = plan_runs(args)
+    if not tasks and (bare := [r.arm.name for r in runs if not r.config.eval.get("data_path")]):
+        raise cli.UsageError(f"--arm {bare[0]}: nothing to evaluate: config.eval.data_path is "
+                             "empty (a held-out split for the online kNN) and --eval names "
+                             "no task.")
     if args.print_commands:
         print("\n".join(_fan_out(argv, runs, args.arms)))
         return None
