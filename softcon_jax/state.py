@@ -96,6 +96,17 @@ def load_pretrained_backbone(config, method, state, state_shardings):
         pos_embed_interpolation=config.init.get("pos_embed_interpolation", "timm"),
         seed=config.seed, **kwargs)
     params, model_state = method.with_backbone(state.params, state.model_state, variables)
+    # Student and teacher now hold the same arrays, and one array placed twice can stay one
+    # device buffer, which the donating train step cannot take twice: copy each repeat.
+    seen = set()
+
+    def own(x):
+        if id(x) in seen:
+            return jnp.array(x, copy=True)
+        seen.add(id(x))
+        return x
+
+    params, model_state = jax.tree.map(own, (params, model_state))
     # Optimizer state is zeros for every optimizer here, so it stays valid.
     return jax.device_put(state.replace(params=params, model_state=model_state),
                           state_shardings)

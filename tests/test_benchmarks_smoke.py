@@ -54,24 +54,26 @@ def test_dispatch_smoke():
 
 
 def test_method_efficacy_smoke(tmp_path):
-    # Every arm family end to end: pretraining, held-out kNN / linear / regression /
-    # cross-season metrics, the JSON, the table and the plot.
+    # The project's study end to end: the RGB source run and its export, every arm
+    # (untrained, InfoNCE, masking, continual from the RGB model), study.json / md / png.
     import json
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "method_efficacy.py"), "--smoke",
-         "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=900,
-        cwd=ROOT)
+         "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads((tmp_path / "efficacy.json").read_text())
-    assert set(results["arms"]) == {"random", "soft_ce", "seco_random", "seco"}
-    metrics = {"knn_map_macro", "knn_map_micro", "linear_map_macro", "linear_map_micro",
-               "area_r2", "xseason_top1"}
-    for arm, r in results["arms"].items():
-        assert set(r["mean_std"]) == metrics, arm
-        assert all(0.0 < r["mean_std"][m][0] <= 1.0 for m in metrics - {"area_r2"}), arm
-    table = (tmp_path / "efficacy.md").read_text()
-    assert "| soft_ce |" in table and "| seco |" in table
-    assert (tmp_path / "efficacy_knn.png").stat().st_size > 1000
+    results = json.loads((tmp_path / "out" / "study.json").read_text())
+    arms = results["arms"]
+    assert list(arms) == ["soft_ce", "random", "infonce", "mask25", "mask50", "continual"]
+    for name, a in arms.items():
+        assert a["n"] == 1, name
+        assert 0.0 < a["summary"]["knn_map_macro"]["mean"] <= 1.0, name
+    assert arms["random"]["step"] == 0 and arms["continual"]["step"] == 3
+    # Masking removes student tokens: fewer FLOPs per step.
+    gflops = [arms[n]["step_gflops"] for n in ("soft_ce", "mask25", "mask50")]
+    assert gflops[0] > gflops[1] > gflops[2] > 0
+    assert "| continual | 1 |" in (tmp_path / "out" / "study.md").read_text()
+    assert (tmp_path / "out" / "study.png").stat().st_size > 1000

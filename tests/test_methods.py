@@ -126,6 +126,14 @@ def test_warm_start_from_timm_weights_reinitialises_only_the_first_layer(tmp_pat
     init_fn, rng, _, shardings = state_lib.create_train_state(config, method, tx, mesh)
     state = state_lib.load_pretrained_backbone(config, method, init_fn(rng), shardings)
 
+    # Student and teacher start equal but must not share buffers: the train step donates
+    # the state, and one buffer donated twice fails at the first step.
+    def buffers(tree):
+        return {s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(tree)
+                for s in x.addressable_shards}
+    assert not buffers(state.params["backbone"]) & buffers(
+        state.model_state["teacher"]["params"]["backbone"])
+
     for which in ("student", "teacher"):
         variables = jax.device_get(method.backbone_variables(state.model_state, state.params,
                                                              which))
