@@ -192,9 +192,14 @@ def build_dataset(data_config: Any, *, global_batch_size: int, seed: int,
     dataset = open_dataset(data_config.path)
     meta, meta_path, source = dataset.meta, dataset.meta_path, dataset.source
     transform = build_views_transform(data_config, meta, meta_path, dtype, views)
-    if len(source) < process_count:
-        raise UserValueError(f"{meta_path}: {len(source)} records for {process_count} processes")
     per_host = global_batch_size // process_count
+    if len(source) // process_count < per_host:  # every batch would repeat locations
+        raise UserValueError(
+            f"config.global_batch_size={global_batch_size} ({per_host} per process, "
+            f"{process_count} process(es)) is larger than the {len(source)} locations of "
+            f"{meta_path} ({len(source) // process_count} per process): every batch would "
+            f"repeat locations (false negatives in the contrastive loss). Lower "
+            f"config.global_batch_size, or use a larger dataset.")
 
     ds = grain.MapDataset.source(source)
     ds = ds.shuffle(seed=_seed32(seed, 0))  # same on every host: slices stay disjoint
