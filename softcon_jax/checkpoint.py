@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -133,12 +134,10 @@ class Checkpointer:
         except Exception as e:  # OSError, TensorStore's ValueError, Orbax's own types ...
             self._failed = True
             removed = self._remove_unfinished()
-            cause = " ".join(str(e).split())
-            cause = cause if len(cause) <= 300 else cause[:300] + " ..."
             good = [s for s in self.all_steps() if s != step]
             raise CheckpointSaveError(
                 f"could not write checkpoint {'step ' + str(step) if step is not None else ''}"
-                f" to {self.directory} ({type(e).__name__}: {cause}). "
+                f" to {self.directory} ({_cause(e)}). "
                 + (f"The last good checkpoint is step {max(good)} (untouched)"
                    if good else "No earlier checkpoint exists")
                 + (f"; removed the unfinished {', '.join(removed)}" if removed else "")
@@ -313,6 +312,21 @@ class Checkpointer:
             if not self._failed:
                 raise
             logging.info("Closing the checkpoint manager after a failed save: %r", e)
+
+
+def _cause(e: BaseException, limit: int = 200) -> str:
+    """'<OS reason>; <type>: <message, shortened>' of a storage error, on one line.
+
+    TensorStore (under Orbax) raises ValueError with the errno in the text
+    (`[os_error_code='28']`); the OS reason goes first so that it survives shortening.
+    """
+    text = " ".join(str(e).split())
+    code = getattr(e, "errno", None)
+    if code is None and (m := re.search(r"os_error_code='?(\d+)", text)):
+        code = int(m.group(1))
+    reason = f"{os.strerror(code)}; " if code else ""
+    text = text if len(text) <= limit else text[:limit] + " ..."
+    return f"{reason}{type(e).__name__}: {text}"
 
 
 def _key_str(k) -> str:

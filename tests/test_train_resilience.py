@@ -27,6 +27,7 @@ from helpers import snapshot
 
 from softcon_jax import methods, optim, sharding, train
 from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
+from softcon_jax.data.source import open_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 8         # total steps of the resume runs
@@ -416,6 +417,58 @@ def test_two_trainers_started_together_one_trains_one_stops_before_the_data(shar
     assert "is in use by another run" in line and "Traceback" not in loser
     assert "Traceback" not in logs[0] + logs[1]
     assert _steps(workdir) == [200] and not os.path.exists(workdir / "lock")
-    # The dataset the winner wrote is whole (no temporary files of a second writer).
+    # The dataset the winner wrote is whole: no temporary file of a second writer, and it
+    # opens with every location listed.
     meta = json.loads((data_dir / "metadata.json").read_text())
-    assert sorted(os.listdir(data_dir)) == sorted(meta["shards"] + ["metadata.json"])
+    assert sorted(f for f in os.listdir(data_dir) if os.path.isfile(data_dir / f)) == sorted(
+        meta["shards"] + ["metadata.json"])
+    assert len(open_dataset(str(data_dir))) == 64
+
+
+# ==== 6. No orphaned data workers ==========================================================
+
+def _descendants(pid):
+    """Pids of every live process below `pid` (from /proc)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_killed_trainer_leaves_no_live_data_worker(shared, tmp_path):
+    """kill -9 of a trainer with Grain worker processes: every worker exits by itself."""
+    proc = _start(shared, tmp_path / "run", "--config.data.num_workers=2",
+                  "--config.total_steps=100000")
+    deadline = time.monotonic() + TIMEOUT
+    while len(_descendants(proc.pid)) < 2:
+        assert proc.poll() is None, proc.communicate()[0][-6000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(2)  # the workers are producing batches
+    workers = _descendants(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in workers if _alive(p)], workers

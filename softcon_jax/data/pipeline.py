@@ -215,8 +215,26 @@ def build_dataset(data_config: Any, *, global_batch_size: int, seed: int,
         _ensure_absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=num_workers,
-            per_worker_buffer_size=int(data_config.get("worker_buffer_size", 2))))
+            per_worker_buffer_size=int(data_config.get("worker_buffer_size", 2))),
+            worker_init_fn=exit_with_parent)
     return it
+
+
+def exit_with_parent(worker_index: int = 0, worker_count: int = 1,
+                     poll_s: float = 1.0) -> None:
+    """Grain worker start-up: the worker exits within `poll_s` once the process that started
+    it is gone, also after `kill -9` of the trainer, which runs no clean-up (a daemon thread
+    watches the parent pid; an orphan is re-parented, so its parent pid changes)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            threading.Event().wait(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _ensure_absl_flags_parsed() -> None:

@@ -27,7 +27,7 @@ import numpy as np
 
 from softcon_jax import cli, models
 from softcon_jax.interop import keymaps
-from softcon_jax.interop.io import read_state_dict, write_state_dict, write_text_atomic
+from softcon_jax.interop.io import read_state_dict, staged, write_state_dict
 from softcon_jax.interop.resample import dinov2_interpolate_pos_embed, resample_pos_embed
 
 log = logging.getLogger(__name__)
@@ -255,8 +255,11 @@ def export_torch(model: Any, variables: Any, out_path: str | os.PathLike,
         "num_features": int(model.num_features),
     }
     layout.export_extras(model, format, state_dict, sidecar)
-    write_state_dict(state_dict, out_path)
-    write_text_atomic(f"{out_path}.json", json.dumps(sidecar, indent=2) + "\n")
+    # Both files or neither: the sidecar is renamed into place only after the weights were.
+    with staged(f"{out_path}.json", "the sidecar") as tmp:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(sidecar, indent=2) + "\n")
+        write_state_dict(state_dict, out_path)
     return sidecar
 
 
