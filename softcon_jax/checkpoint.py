@@ -28,11 +28,14 @@ report their error at the next `save` or `wait`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import json
 import os
 import re
+import shutil
+import sys
 import time
 from typing import Any
 
@@ -133,7 +136,11 @@ class Checkpointer:
             raise
         except Exception as e:  # OSError, TensorStore's ValueError, Orbax's own types ...
             self._failed = True
+            _ignore_closed_loop_callbacks()
             removed = self._remove_unfinished()
+            # Orbax's cancelled writer threads may still create files there until they end;
+            # at exit they have (the interpreter joins them before running atexit).
+            atexit.register(self._remove_unfinished)
             good = [s for s in self.all_steps() if s != step]
             raise CheckpointSaveError(
                 f"could not write checkpoint {'step ' + str(step) if step is not None else ''}"
@@ -151,7 +158,8 @@ class Checkpointer:
         try:
             for path in self.directory.iterdir():
                 if ".orbax-checkpoint-tmp" in path.name:
-                    path.rmtree()
+                    shutil.rmtree(path, ignore_errors=True) if "://" not in str(
+                        path) else path.rmtree()
                     removed.append(path.name)
         except OSError as e:
             logging.warning("Could not remove the unfinished checkpoint in %s: %s",
@@ -312,6 +320,27 @@ class Checkpointer:
             if not self._failed:
                 raise
             logging.info("Closing the checkpoint manager after a failed save: %r", e)
+        if self._failed:  # writer threads still running at the failure may have re-created it
+            self._remove_unfinished()
+
+
+def _ignore_closed_loop_callbacks() -> None:
+    """After a failed save, Orbax's cancelled writer threads still report to event loops
+    that are closed ("Event loop is closed", at exit): nothing is lost, so those go to the
+    log at debug level instead of the terminal. Every other unraisable error is printed."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_softcon_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        if (isinstance(unraisable.exc_value, RuntimeError)
+                and "Event loop is closed" in str(unraisable.exc_value)):
+            logging.debug("After a failed save: %r", unraisable.exc_value)
+        else:
+            previous(unraisable)
+
+    hook._softcon_closed_loop = True
+    sys.unraisablehook = hook
 
 
 def _cause(e: BaseException, limit: int = 200) -> str:

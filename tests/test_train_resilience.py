@@ -23,7 +23,7 @@ import portpicker
 import pytest
 from tensorboardX.proto import event_pb2
 
-from helpers import snapshot
+from helpers import fill_disk, small_tmpfs, snapshot
 
 from softcon_jax import methods, optim, sharding, train
 from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
@@ -472,3 +472,31 @@ def test_killed_trainer_leaves_no_live_data_worker(shared, tmp_path):
     while any(_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [p for p in workers if _alive(p)], workers
+
+
+# ==== 7. Disk full during a checkpoint save ================================================
+
+def test_disk_full_during_a_training_checkpoint_is_one_error_line(shared, tmp_path):
+    """The trainer on a full disk: `error:` naming the checkpoint directory and the cause,
+    exit 1, no traceback on the terminal (it is in the log file), the previous checkpoint
+    byte-identical and no temporary directory left."""
+    with small_tmpfs(tmp_path / "disk", 8192) as disk:
+        workdir = os.path.join(disk, "run")
+        _run(shared, workdir, f"--config.stop_after_step={HALF}",
+             f"--config.checkpoint.every_steps={HALF}")
+        checkpoints = os.path.join(workdir, "checkpoints")
+        good = snapshot(os.path.join(checkpoints, str(HALF)))
+        fill_disk(disk, leave_bytes=64 * 1024)
+        proc = _start(shared, workdir, f"--config.checkpoint.every_steps={HALF}",
+                      SOFTCON_LOG_DIR=tmp_path / "logs")
+        log = proc.communicate(timeout=TIMEOUT)[0]
+        assert proc.returncode == 1, log[-6000:]
+        (line,) = _error_lines(log)
+        assert line.startswith(f"error: could not write checkpoint step {K} to {checkpoints} "
+                               "(No space left on device;"), line
+        assert f"The last good checkpoint is step {HALF} (untouched)" in line
+        assert "Traceback" not in log, log[-6000:]
+        (log_file,) = os.listdir(tmp_path / "logs")
+        assert "No space left on device" in (tmp_path / "logs" / log_file).read_text()
+        assert os.listdir(checkpoints) == [str(HALF)]
+        assert snapshot(os.path.join(checkpoints, str(HALF))) == good
