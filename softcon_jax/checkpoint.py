@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -144,7 +143,7 @@ class Checkpointer:
             good = [s for s in self.all_steps() if s != step]
             raise CheckpointSaveError(
                 f"could not write checkpoint {'step ' + str(step) if step is not None else ''}"
-                f" to {self.directory} ({_cause(e)}). "
+                f" to {self.directory} ({cli.storage_error_cause(e)}). "
                 + (f"The last good checkpoint is step {max(good)} (untouched)"
                    if good else "No earlier checkpoint exists")
                 + (f"; removed the unfinished {', '.join(removed)}" if removed else "")
@@ -341,21 +340,6 @@ def _ignore_closed_loop_callbacks() -> None:
 
     hook._softcon_closed_loop = True
     sys.unraisablehook = hook
-
-
-def _cause(e: BaseException, limit: int = 200) -> str:
-    """'<OS reason>; <type>: <message, shortened>' of a storage error, on one line.
-
-    TensorStore (under Orbax) raises ValueError with the errno in the text
-    (`[os_error_code='28']`); the OS reason goes first so that it survives shortening.
-    """
-    text = " ".join(str(e).split())
-    code = getattr(e, "errno", None)
-    if code is None and (m := re.search(r"os_error_code='?(\d+)", text)):
-        code = int(m.group(1))
-    reason = f"{os.strerror(code)}; " if code else ""
-    text = text if len(text) <= limit else text[:limit] + " ..."
-    return f"{reason}{type(e).__name__}: {text}"
 
 
 def _key_str(k) -> str:

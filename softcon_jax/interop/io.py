@@ -63,9 +63,8 @@ def staged(path: str | os.PathLike, what: str):
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, Exception) and not isinstance(e, cli.UserError):
-            cause = " ".join(str(e).split())[:300]
-            raise WriteError(f"could not write {what} to {path} ({type(e).__name__}: "
-                             f"{cause}); {path} is unchanged.") from e
+            raise WriteError(f"could not write {what} to {path} "
+                             f"({cli.storage_error_cause(e)}); {path} is unchanged.") from e
         raise
 
 
