@@ -456,7 +456,8 @@ def _alive(pid):
 
 
 def test_killed_trainer_leaves_no_live_data_worker(shared, tmp_path):
-    """kill -9 of a trainer with Grain worker processes: every worker exits by itself."""
+    """kill -9 of a trainer with Grain worker processes, while they start and while they
+    produce batches: every worker exits by itself."""
     proc = _start(shared, tmp_path / "run", "--config.data.num_workers=2",
                   "--config.total_steps=100000")
     deadline = time.monotonic() + TIMEOUT
@@ -464,14 +465,15 @@ def test_killed_trainer_leaves_no_live_data_worker(shared, tmp_path):
         assert proc.poll() is None, proc.communicate()[0][-6000:]
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    time.sleep(2)  # the workers are producing batches
+    time.sleep(2)
     workers = _descendants(proc.pid)
     proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    proc.wait(timeout=60)  # (the workers hold its stdout open while they live)
     deadline = time.monotonic() + 30
     while any(_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [p for p in workers if _alive(p)], workers
+    proc.communicate(timeout=60)
 
 
 # ==== 7. Disk full during a checkpoint save ================================================

@@ -23,6 +23,7 @@ own (`softcon_jax.methods.softcon.SoftConViews`, `...seco.SeCoViews`).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from typing import Any
 
@@ -216,18 +217,17 @@ def build_dataset(data_config: Any, *, global_batch_size: int, seed: int,
         it = it.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=num_workers,
             per_worker_buffer_size=int(data_config.get("worker_buffer_size", 2))),
-            worker_init_fn=exit_with_parent)
+            worker_init_fn=functools.partial(exit_with_parent, parent=os.getpid()))
     return it
 
 
-def exit_with_parent(worker_index: int = 0, worker_count: int = 1,
+def exit_with_parent(worker_index: int = 0, worker_count: int = 1, *, parent: int,
                      poll_s: float = 1.0) -> None:
-    """Grain worker start-up: the worker exits within `poll_s` once the process that started
-    it is gone, also after `kill -9` of the trainer, which runs no clean-up (a daemon thread
-    watches the parent pid; an orphan is re-parented, so its parent pid changes)."""
+    """Grain worker start-up: the worker exits within `poll_s` once `parent` (the trainer)
+    is gone, also after `kill -9`, which runs no clean-up. A daemon thread watches the
+    parent pid: an orphan is re-parented, so its parent pid changes (a worker whose parent
+    died while it was still starting exits at once)."""
     import threading
-
-    parent = os.getppid()
 
     def watch():
         while os.getppid() == parent:
