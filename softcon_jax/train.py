@@ -63,7 +63,7 @@ def continue_input_at(data_iter, step: int) -> None:
     try:
         grain.experimental.set_next_index(data_iter, step)
     except (NotImplementedError, ValueError) as e:
-        raise RuntimeError(
+        raise InputPositionError(
             f"Cannot move this input pipeline to batch {step} ({e!r}); resume on the process "
             "count the checkpoint was written with.") from e
 
@@ -96,6 +96,10 @@ def warn_if_run_changed(saved: dict, now: dict, step: int) -> None:
 
 
 # ==== Errors ==============================================================================
+
+class InputPositionError(cli.UserError, RuntimeError):
+    """A checkpoint of another process count cannot be resumed by this input pipeline."""
+
 
 class NonFiniteError(cli.UserError, RuntimeError):
     """Non-finite loss or gradient with config.nonfinite='stop'."""
