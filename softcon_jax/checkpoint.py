@@ -280,24 +280,22 @@ class Checkpointer:
         self.manager.reload()
         return target
 
-    def restore_config(self, step: int) -> dict:
+    def _restore_json(self, step: int, item: str) -> dict:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
-                config=ocp.args.JsonRestore()))
+                **{item: ocp.args.JsonRestore()}))
         except Exception as e:
             raise self._unreadable(step, e) from e
-        return restored["config"]
+        return restored[item]
+
+    def restore_config(self, step: int) -> dict:
+        return self._restore_json(step, "config")
 
     def restore_run_info(self, step: int) -> dict | None:
         """The `run_info` saved with step `step`; None when it has none (older checkpoints)."""
         if not (self.step_dir(step) / "run").exists():
             return None
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                run=ocp.args.JsonRestore()))
-        except Exception as e:
-            raise self._unreadable(step, e) from e
-        return restored["run"]
+        return self._restore_json(step, "run")
 
     def reached_preemption(self, step: int) -> bool:
         """Multi-host: every process agrees that a preemption notice arrived."""
