@@ -202,14 +202,15 @@ def _train_locked(config, workdir: str, devices) -> TrainState:
     if config.get("debug_transfer_guard"):
         guard.enter_context(jax.transfer_guard(config.debug_transfer_guard))
 
-    last_good_text = lambda: (  # noqa: E731
-        f"The last good checkpoint is step {last_good} in {ckpt.directory}."
-        if last_good is not None else "No checkpoint was written yet.")
+    def last_good_text():
+        return (f"The last good checkpoint is step {last_good} in {ckpt.directory}."
+                if last_good is not None else "No checkpoint was written yet.")
 
     def check_finite(step, bad=None, bad_input=None):
-        if bad is None:  # at a save: the steps since the last log line count too
-            flags = [m[NONFINITE_INPUT] for m in window] or [0.0]
-            bad, bad_input = jax.device_get((state.num_nonfinite, sum(flags)))
+        if bad is None:  # at a save: the input flags of the steps since the last log count
+            bad, flags = jax.device_get((state.num_nonfinite,
+                                         [m[NONFINITE_INPUT] for m in window]))
+            bad_input = any(flags)
         if bad_input:
             raise NonFiniteInputError(
                 f"Non-finite input: a batch from the dataset {config.data.path} held NaN or "
@@ -221,8 +222,8 @@ def _train_locked(config, workdir: str, devices) -> TrainState:
             raise NonFiniteError(
                 f"Non-finite loss or gradient in {bad} step(s) up to step {step}; those "
                 f"updates were not applied. Stopping (config.nonfinite='stop'). "
-                + last_good_text() + " Lower config.optimizer.lr, check the data's normalisation "
-                "(config.data.stats), or set config.nonfinite='skip'.")
+                + last_good_text() + " Lower config.optimizer.lr, check the data's "
+                "normalisation (config.data.stats), or set config.nonfinite='skip'.")
         return bad
 
     def save(step):
