@@ -104,7 +104,11 @@ class WorkdirLock:
 
     def _write_tmp(self) -> str:
         tmp = f"{self.path}.{self.host}.{self.pid}.tmp"
-        epath.Path(tmp).write_text(json.dumps(self._record()) + "\n")
+        try:
+            epath.Path(tmp).write_text(json.dumps(self._record()) + "\n")
+        except BaseException:  # e.g. a full disk: leave nothing behind
+            epath.Path(tmp).unlink(missing_ok=True)
+            raise
         return tmp
 
     def _read(self, path: str | None = None) -> dict | None:
