@@ -151,7 +151,7 @@ class Checkpointer:
 
     def _remove_unfinished(self) -> list[str]:
         """Deletes Orbax's temporary step directories (process 0); their names."""
-        if jax.process_index() != 0:
+        if jax.process_index() != 0 or not self.directory.exists():
             return []
         removed = []
         try:
