@@ -67,6 +67,9 @@ def run_block(c: ml_collections.ConfigDict, *, batch: int, steps: int, log_every
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=checkpoint_every, keep=3,
                                                   async_save=True))
+    # WORKDIR/lock of a run on another host counts as stale after this long without a
+    # heartbeat (shared filesystems); on the same host a dead pid is stale at once.
+    c.workdir_lock_stale_after_s = 600.0
     c.eval = defaults.online_eval()  # set eval.data_path to a held-out split to enable
 
 

@@ -19,13 +19,22 @@ Damaged or mismatching checkpoints are one clear error, never Orbax's traceback:
   directory aside to `WORKDIR/checkpoints_unreadable/<step>` (kept for inspection, never
   retried, never deleted) and restores the newest older checkpoint. Read-only tools
   (export) only report the error.
+
+A save that fails (disk full, permission denied, an Orbax / TensorStore error) is one
+`CheckpointSaveError` naming the directory, the step and the cause; the unfinished temporary
+step directory is removed and the previous checkpoint is untouched. Asynchronous saves
+report their error at the next `save` or `wait`.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
+import sys
 import time
 from typing import Any
 
@@ -42,6 +51,10 @@ UNREADABLE_DIR = "checkpoints_unreadable"
 
 class CheckpointMismatchError(cli.UserValueError):
     """The checkpoint holds a state of another structure than this config builds."""
+
+
+class CheckpointSaveError(cli.UserError, OSError):
+    """A checkpoint could not be written; the message names the directory and the cause."""
 
 
 class CheckpointUnreadableError(cli.UserValueError):
@@ -79,6 +92,8 @@ class Checkpointer:
             # Steps are chosen by the trainer (every N steps, SIGTERM, stop, end).
             save_interval_steps=1)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._failed = False  # a save failed: closing may raise the same error again
+        self._pending: int | None = None  # step of the last save started
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -89,13 +104,66 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state, data_iterator=None, config=None, *, force: bool = True):
+    def save(self, step: int, state, data_iterator=None, config=None, *, force: bool = True,
+             run_info: dict | None = None):
+        """Starts saving step `step` (asynchronously unless `async_save=False`).
+
+        `run_info`: a JSON dict stored beside the config (the trainer records the dataset's
+        fingerprint there, to warn when a resume reads other data).
+        """
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
             items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if run_info is not None:
+            items["run"] = ocp.args.JsonSave(run_info)
+        with self._save_errors(self._pending):  # the previous async save failed ...
+            self.manager.wait_until_finished()
+        self._pending = step
+        with self._save_errors(step):  # ... or this one (synchronous part)
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    @contextlib.contextmanager
+    def _save_errors(self, step: int | None):
+        """A failed write (disk full, permission denied, a storage library's own error) ->
+        one `CheckpointSaveError` naming the directory; the unfinished temporary directory
+        is removed, the previous checkpoint is untouched (Orbax renames only when done)."""
+        try:
+            yield
+        except CheckpointSaveError:
+            raise
+        except Exception as e:  # OSError, TensorStore's ValueError, Orbax's own types ...
+            self._failed = True
+            _ignore_closed_loop_callbacks()
+            removed = self._remove_unfinished()
+            # Orbax's cancelled writer threads may still create files there until they end;
+            # at exit they have (the interpreter joins them before running atexit).
+            atexit.register(self._remove_unfinished)
+            good = [s for s in self.all_steps() if s != step]
+            raise CheckpointSaveError(
+                f"could not write checkpoint {'step ' + str(step) if step is not None else ''}"
+                f" to {self.directory} ({cli.storage_error_cause(e)}). "
+                + (f"The last good checkpoint is step {max(good)} (untouched)"
+                   if good else "No earlier checkpoint exists")
+                + (f"; removed the unfinished {', '.join(removed)}" if removed else "")
+                + ". Free space or fix permissions there, then run again to resume.") from e
+
+    def _remove_unfinished(self) -> list[str]:
+        """Deletes Orbax's temporary step directories (process 0); their names."""
+        if jax.process_index() != 0 or not self.directory.exists():
+            return []
+        removed = []
+        try:
+            for path in self.directory.iterdir():
+                if ".orbax-checkpoint-tmp" in path.name:
+                    shutil.rmtree(path, ignore_errors=True) if "://" not in str(
+                        path) else path.rmtree()
+                    removed.append(path.name)
+        except OSError as e:
+            logging.warning("Could not remove the unfinished checkpoint in %s: %s",
+                            self.directory, e)
+        return removed
 
     def has_data_state(self, step: int) -> bool:
         """Whether checkpoint `step` has the input position of this process *and* count.
@@ -212,23 +280,64 @@ class Checkpointer:
         self.manager.reload()
         return target
 
-    def restore_config(self, step: int) -> dict:
+    def _restore_json(self, step: int, item: str) -> dict:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
-                config=ocp.args.JsonRestore()))
+                **{item: ocp.args.JsonRestore()}))
         except Exception as e:
             raise self._unreadable(step, e) from e
-        return restored["config"]
+        return restored[item]
+
+    def restore_config(self, step: int) -> dict:
+        return self._restore_json(step, "config")
+
+    def restore_run_info(self, step: int) -> dict | None:
+        """The `run_info` saved with step `step`; None when it has none (older checkpoints)."""
+        if not (self.step_dir(step) / "run").exists():
+            return None
+        return self._restore_json(step, "run")
 
     def reached_preemption(self, step: int) -> bool:
         """Multi-host: every process agrees that a preemption notice arrived."""
         return self.manager.reached_preemption(step)
 
     def wait(self):
-        self.manager.wait_until_finished()
+        """Waits until the asynchronous save is written (nothing to wait for after one
+        failed: its error was raised)."""
+        if self._failed:
+            return
+        with self._save_errors(self._pending):
+            self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.close()
+        """Ends the manager; after a failed save only logs what closing raises again."""
+        try:
+            self.manager.close()
+        except Exception as e:
+            if not self._failed:
+                raise
+            logging.info("Closing the checkpoint manager after a failed save: %r", e)
+        if self._failed:  # writer threads still running at the failure may have re-created it
+            self._remove_unfinished()
+
+
+def _ignore_closed_loop_callbacks() -> None:
+    """After a failed save, Orbax's cancelled writer threads still report to event loops
+    that are closed ("Event loop is closed", at exit): nothing is lost, so those go to the
+    log at debug level instead of the terminal. Every other unraisable error is printed."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_softcon_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        if (isinstance(unraisable.exc_value, RuntimeError)
+                and "Event loop is closed" in str(unraisable.exc_value)):
+            logging.debug("After a failed save: %r", unraisable.exc_value)
+        else:
+            previous(unraisable)
+
+    hook._softcon_closed_loop = True
+    sys.unraisablehook = hook
 
 
 def _key_str(k) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -60,6 +61,23 @@ class UsageError(UserError, ValueError):
     """The command line itself is wrong (exit status 2, as argparse)."""
 
     exit_code = 2
+
+
+def storage_error_cause(e: BaseException, limit: int = 200) -> str:
+    """'<OS reason>; <type>: <message, shortened>' of a storage error, on one line.
+
+    Storage libraries wrap the OS error in their own types, with the errno in the text:
+    TensorStore (under Orbax) a ValueError (`[os_error_code='28']`), safetensors a
+    SafetensorError (`(os error 28)`, Rust's wording). The OS reason
+    ("No space left on device") goes first so that it survives the shortening.
+    """
+    text = " ".join(str(e).split())
+    code = getattr(e, "errno", None)
+    if code is None and (m := re.search(r"os_error_code='?(\d+)|os error (\d+)", text)):
+        code = int(m.group(1) or m.group(2))
+    reason = f"{os.strerror(code)}; " if code else ""
+    text = text if len(text) <= limit else text[:limit] + " ..."
+    return f"{reason}{type(e).__name__}: {text}"
 
 
 def verbose_requested(argv: list[str] | None = None) -> bool:

@@ -15,11 +15,16 @@ from absl import logging
 
 
 class _DropLibraryInfo(logging_std.Filter):
-    """Hides INFO chatter of Orbax/Grain/XLA start-up so the progress lines stay readable."""
+    """Hides INFO chatter of Orbax/Grain/XLA start-up so the progress lines stay readable,
+    and the tracebacks that Orbax's writer threads (and asyncio, for their unretrieved
+    futures) log before Orbax raises the same error to the caller (a failed save: the
+    trainer reports it in one line, the traceback goes to the log file)."""
 
     _NOISY = ("/orbax/", "/grain/", "/jax/_src/")
 
     def filter(self, record):
+        if record.exc_info and ("/orbax/" in record.pathname or record.name == "asyncio"):
+            return False
         return record.levelno >= logging_std.WARNING or not any(
             part in record.pathname for part in self._NOISY)
 

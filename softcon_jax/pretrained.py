@@ -24,6 +24,10 @@ from softcon_jax.cli import UserValueError
 log = logging.getLogger(__name__)
 
 
+class SidecarMismatchError(UserValueError):
+    """An exported file and its JSON sidecar describe different models."""
+
+
 def features_fn(model: Any):
     """(variables, x) -> eval-mode features of `model` (jitted, `interop.backbone_features`)."""
     return functools.partial(interop.backbone_features, model)
@@ -149,9 +153,16 @@ def load_from_weights(path: str, *, normalization: str | None = None,
     if vit and meta.get("img_size") and img_size and img_size != meta["img_size"]:
         raise UserValueError(f"--img-size {img_size}: {arch} in {path} was built for "
                              f"img_size={meta['img_size']}.")
-    model, variables = interop.import_torch(path, arch, in_chans, img_size=int(size),
-                                            **_arch_kwargs(meta.get("timm_kwargs", {})))
     where = f"--weights {path} ({sidecar_path})"
+    try:  # the file as it is: a first layer of another band count is an error, not re-drawn
+        model, variables = interop.import_torch(
+            path, arch, in_chans, img_size=int(size), first_layer="error",
+            **_arch_kwargs(meta.get("timm_kwargs", {})))
+    except interop.StateDictMismatchError as e:
+        raise SidecarMismatchError(
+            f"--weights {path} does not match its sidecar {sidecar_path} (timm_name={arch}, "
+            f"in_chans={in_chans}, timm_kwargs={meta.get('timm_kwargs', {})}): "
+            + " ".join(str(e).split())) from None
     bands = _checked_bands(bands or meta.get("band_order") or _default_bands(in_chans, where),
                            model, where)
     norm = meta.get("normalization") or {}

@@ -23,6 +23,16 @@ def _microbatches(x, num: int, mesh):
         mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)))
 
 
+NONFINITE_INPUT = "train/nonfinite_input"  # metric: 1 for a step whose batch had NaN/inf
+
+
+def all_finite(batch) -> jax.Array:
+    """True when no floating leaf of `batch` holds a NaN or inf (one fused reduction)."""
+    flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(batch)
+             if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(flags).all() if flags else jnp.array(True)
+
+
 def make_train_step(config, method, tx, schedule, mesh, preprocess=None):
     """Returns `train_step(state, batch) -> (state, metrics)`; the caller jits it.
 
@@ -57,9 +67,11 @@ def make_train_step(config, method, tx, schedule, mesh, preprocess=None):
         return loss.mean(), grads, model_state, jax.tree.map(jnp.mean, metrics)
 
     def train_step(state: TrainState, batch: dict):
+        input_finite = all_finite(batch)
         if preprocess is not None:
             batch = jax.lax.with_sharding_constraint(preprocess(batch),
                                                      sharding.batch_sharding(mesh))
+            input_finite &= all_finite(batch)
         rng = jax.random.fold_in(base_key, state.step)
         loss, grads, model_state, metrics = loss_and_grads(
             state.params, state.model_state, batch, rng, state.step)
@@ -67,18 +79,20 @@ def make_train_step(config, method, tx, schedule, mesh, preprocess=None):
         params = optax.apply_updates(state.params, updates)
         model_state, method_metrics = method.after_update(params, model_state, state.step)
 
-        # Numerical guard: a non-finite loss or gradient is never applied. The host then
-        # stops or goes on, as config.nonfinite says (see the loop).
+        # Numerical guard: a non-finite input, loss or gradient is never applied. The host
+        # then stops or goes on, as config.nonfinite says (see the loop); a non-finite
+        # input batch (flagged in the metrics) always stops it, naming the dataset.
         grad_norm = optax.tree.norm(grads)
         # The update too: a finite gradient times an overflowing learning rate is not.
-        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = (input_finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
                   & jnp.isfinite(optax.tree.norm(updates)))
         updated = state.replace(params=params, opt_state=opt_state, model_state=model_state)
         state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
         state = state.replace(step=state.step + 1,
                               num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32))
         metrics = {**metrics, **method_metrics, "loss/total": loss,
-                   "train/lr": schedule(state.step - 1), "train/grad_norm": grad_norm}
+                   "train/lr": schedule(state.step - 1), "train/grad_norm": grad_norm,
+                   NONFINITE_INPUT: (~input_finite).astype(jnp.float32)}
         return state, metrics
 
     return train_step

@@ -14,14 +14,17 @@ Running again with the same WORKDIR resumes from the latest checkpoint.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 
 import grain
 import jax
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
-from softcon_jax import cli, data, distributed, logs, methods, optim, overrides, sharding
+from softcon_jax import (cli, data, distributed, logs, methods, optim, overrides, sharding,
+                         workdir_lock)
 from softcon_jax.registry import import_modules
 from softcon_jax.signals import StopSignals
 from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
@@ -30,7 +33,7 @@ from softcon_jax.evaluators.online_knn import OnlineKNN
 from softcon_jax.logs import MetricWriter, Progress
 from softcon_jax.state import (TrainState, create_train_state, load_pretrained_backbone,
                                validate)
-from softcon_jax.step import jit_train_step, window_mean
+from softcon_jax.step import NONFINITE_INPUT, jit_train_step, window_mean
 
 
 def _define_flags():
@@ -60,24 +63,67 @@ def continue_input_at(data_iter, step: int) -> None:
     try:
         grain.experimental.set_next_index(data_iter, step)
     except (NotImplementedError, ValueError) as e:
-        raise RuntimeError(
+        raise InputPositionError(
             f"Cannot move this input pipeline to batch {step} ({e!r}); resume on the process "
             "count the checkpoint was written with.") from e
 
 
+# ==== Resume with another batch or dataset ================================================
+
+def run_info(config) -> dict:
+    """What a resume compares with the checkpoint: the global batch and the dataset (its
+    path, and the SHA-256 of its metadata.json, which lists its shards and their counts)."""
+    meta = epath.Path(config.data.path) / "metadata.json"
+    digest = hashlib.sha256(meta.read_bytes()).hexdigest()[:16] if meta.exists() else None
+    return {"global_batch_size": int(config.global_batch_size),
+            "data_path": str(config.data.path), "data_fingerprint": digest}
+
+
+def warn_if_run_changed(saved: dict, now: dict, step: int) -> None:
+    """One WARNING line per setting that differs from the checkpoint's run."""
+    old_batch = saved.get("global_batch_size")
+    if old_batch is not None and old_batch != now["global_batch_size"]:
+        logging.warning(
+            "Resuming checkpoint %d, trained with config.global_batch_size=%s, with "
+            "config.global_batch_size=%s: the contrastive batch (its negatives) and the "
+            "images per step change from here on.", step, old_batch, now["global_batch_size"])
+    old_data = saved.get("data_fingerprint")
+    if old_data is not None and old_data != now["data_fingerprint"]:
+        logging.warning(
+            "Resuming checkpoint %d, trained on the dataset %s (metadata.json sha256 %s), "
+            "with the dataset %s (sha256 %s): another dataset from here on.", step,
+            saved.get("data_path"), old_data, now["data_path"], now["data_fingerprint"])
+
+
 # ==== Errors ==============================================================================
+
+class InputPositionError(cli.UserError, RuntimeError):
+    """A checkpoint of another process count cannot be resumed by this input pipeline."""
+
 
 class NonFiniteError(cli.UserError, RuntimeError):
     """Non-finite loss or gradient with config.nonfinite='stop'."""
+
+
+class NonFiniteInputError(NonFiniteError):
+    """An input batch held NaN or inf (whatever config.nonfinite says)."""
 
 
 # ==== The run =============================================================================
 
 def train(config, workdir: str, *, devices=None) -> TrainState:
     """Runs (or resumes) pretraining in `workdir`; returns the final train state."""
-    # --- mesh -----------------------------------------------------------------------------
     import_modules(config.get("imports"))  # user losses / backbones / methods register here
     distributed.maybe_initialize()
+    # One run per workdir: a second trainer on it stops here, before it touches the data or
+    # the checkpoints (process 0 holds WORKDIR/lock for the job; see workdir_lock).
+    with workdir_lock.hold(workdir, config.get("workdir_lock_stale_after_s",
+                                               workdir_lock.DEFAULT_STALE_AFTER_S)):
+        return _train_locked(config, workdir, devices)
+
+
+def _train_locked(config, workdir: str, devices) -> TrainState:
+    # --- mesh -----------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh, devices)
     validate(config, mesh)
     logging.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), mesh.size,
@@ -94,6 +140,7 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
                                  process_count=jax.process_count(),
                                  dtype=data.input_dtype(config).name, views=views)
     data_iter = iter(dataset)
+    info = run_info(config)  # saved with every checkpoint, compared on resume
 
     # --- model and optimizer --------------------------------------------------------------
     method = methods.get(config.method)(config, mesh)
@@ -120,6 +167,9 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
             ckpt.close()
             return state
         logging.info("Resuming from %s/%d.", ckpt.directory, start)
+        saved = ckpt.restore_run_info(start) or {  # older checkpoints: their config
+            "global_batch_size": ckpt.restore_config(start).get("global_batch_size")}
+        warn_if_run_changed(saved, info, start)
         # The input position is saved per process (process_i-of-n); a checkpoint written
         # by another process count has none for this run. Then only the train state is
         # restored, see continue_input_at.
@@ -152,24 +202,35 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
     if config.get("debug_transfer_guard"):
         guard.enter_context(jax.transfer_guard(config.debug_transfer_guard))
 
-    def check_finite(step, bad=None):
-        if bad is None:
-            bad = int(jax.device_get(state.num_nonfinite))
+    def last_good_text():
+        return (f"The last good checkpoint is step {last_good} in {ckpt.directory}."
+                if last_good is not None else "No checkpoint was written yet.")
+
+    def check_finite(step, bad=None, bad_input=None):
+        if bad is None:  # at a save: the input flags of the steps since the last log count
+            bad, flags = jax.device_get((state.num_nonfinite,
+                                         [m[NONFINITE_INPUT] for m in window]))
+            bad_input = any(flags)
+        if bad_input:
+            raise NonFiniteInputError(
+                f"Non-finite input: a batch from the dataset {config.data.path} held NaN or "
+                f"inf (images or labels) in the steps up to step {step}; those updates were "
+                f"not applied. Stopping (whatever config.nonfinite says). {last_good_text()} "
+                f"Check the data with python -m data_prep.verify {config.data.path}, and "
+                f"convert it again with a non-finite policy.")
         if bad and config.nonfinite == "stop":
             raise NonFiniteError(
                 f"Non-finite loss or gradient in {bad} step(s) up to step {step}; those "
                 f"updates were not applied. Stopping (config.nonfinite='stop'). "
-                + (f"The last good checkpoint is step {last_good} in {ckpt.directory}."
-                   if last_good is not None else "No checkpoint was written yet.")
-                + " Lower config.optimizer.lr, check the data's normalisation "
-                "(config.data.stats), or set config.nonfinite='skip'.")
+                + last_good_text() + " Lower config.optimizer.lr, check the data's "
+                "normalisation (config.data.stats), or set config.nonfinite='skip'.")
         return bad
 
     def save(step):
         nonlocal last_good
         check_finite(step)
         with progress.paused():  # saving is not training time (img/s, ETA)
-            ckpt.save(step, state, batches, config)
+            ckpt.save(step, state, batches, config, run_info=info)
         last_good = step
 
     try:
@@ -195,7 +256,7 @@ def train(config, workdir: str, *, devices=None) -> TrainState:
                 metrics, bad = jax.device_get((window_mean(window), state.num_nonfinite))
                 window.clear()
                 timing = progress.timing(step)
-                bad = check_finite(step, int(bad))
+                bad = check_finite(step, int(bad), float(metrics.pop(NONFINITE_INPUT)) > 0)
                 writer.write_scalars(step, {**metrics, **timing, "train/nonfinite_steps": bad})
                 progress.report(step, float(metrics["loss/total"]), timing)
             # Every process runs it: the kNN forward is one jitted function over the mesh.

@@ -45,3 +45,48 @@ def snapshot(directory):
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, directory)] = fh.read()
     return out
+
+
+def small_tmpfs(directory, size_kib):
+    """Context manager: a `size_kib` KiB tmpfs mounted at `directory` (to fill a disk).
+
+    Mounting needs root (CAP_SYS_ADMIN); where the machine refuses it, the calling test is
+    skipped with the reason `mount` gave.
+    """
+    import contextlib
+    import os
+    import subprocess
+
+    import pytest
+
+    @contextlib.contextmanager
+    def mounted():
+        os.makedirs(directory, exist_ok=True)
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs",
+                              str(directory)], capture_output=True, text=True)
+        if res.returncode:
+            pytest.skip(f"cannot mount a tmpfs to fill: {res.stderr.strip() or res.returncode}")
+        try:
+            yield str(directory)
+        finally:
+            subprocess.run(["umount", "-l", str(directory)], check=False)
+
+    return mounted()
+
+
+def fill_disk(directory, leave_bytes=0):
+    """Writes `directory/filler` until the filesystem is full, then frees `leave_bytes`."""
+    import errno
+    import os
+
+    path = os.path.join(directory, "filler")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    finally:
+        os.close(fd)
+    os.truncate(path, max(os.path.getsize(path) - leave_bytes, 0))
+    return path

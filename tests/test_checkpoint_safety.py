@@ -2,6 +2,7 @@
 
 import glob
 import os
+import subprocess
 
 import flax
 import jax
@@ -10,9 +11,9 @@ import numpy as np
 import optax
 import pytest
 from absl import logging
-from helpers import snapshot
+from helpers import fill_disk, small_tmpfs, snapshot
 
-from softcon_jax.checkpoint import (CheckpointMismatchError, Checkpointer,
+from softcon_jax.checkpoint import (CheckpointMismatchError, Checkpointer, CheckpointSaveError,
                                     CheckpointUnreadableError, UNREADABLE_DIR)
 
 
@@ -133,3 +134,36 @@ def test_trainer_resumes_from_the_newest_readable_checkpoint(tmp_path):
     assert int(resumed.step) == 8
     for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+@pytest.mark.parametrize("fault", ["disk_full", "read_only"])
+@pytest.mark.parametrize("async_save", [False, True])
+def test_failed_save_is_one_error_and_keeps_the_previous_checkpoint(tmp_path, fault,
+                                                                    async_save):
+    """Disk full (or a read-only filesystem) during a save: one CheckpointSaveError naming the
+    directory and the step, the previous checkpoint byte-identical, no temporary directory."""
+    with small_tmpfs(tmp_path / "disk", 4096) as disk:
+        ck = Checkpointer(disk, async_save=async_save)
+        ck.save(1, make_state(1.0))
+        ck.wait()
+        checkpoints = os.path.join(disk, "checkpoints")
+        good = snapshot(os.path.join(checkpoints, "1"))
+        if fault == "disk_full":
+            fill_disk(disk, leave_bytes=16384)
+        else:
+            subprocess.run(["mount", "-o", "remount,ro", disk], check=True)
+        with pytest.raises(CheckpointSaveError) as err:
+            ck.save(2, make_state(2.0, width=50_000))  # 0.8 MB per array: does not fit
+            ck.wait()
+        msg = str(err.value)
+        assert len(msg.splitlines()) == 1, msg
+        assert msg.startswith(f"could not write checkpoint step 2 to {checkpoints} ("), msg
+        assert ("No space left on device" if fault == "disk_full"
+                else "Read-only file system") in msg, msg
+        assert "The last good checkpoint is step 1 (untouched)" in msg
+        ck.wait()
+        ck.close()
+        assert os.listdir(checkpoints) == ["1"]  # no half-written step, no temporary dir
+        assert snapshot(os.path.join(checkpoints, "1")) == good
+        restored = Checkpointer(disk, async_save=False).restore_latest(abstract(make_state()))
+        assert restored.step == 1

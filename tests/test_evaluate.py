@@ -15,8 +15,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from helpers import snapshot
+
 from configs import quickstart
-from softcon_jax import defaults, evaluate, interop, methods, models, optim, pretrained, report
+from softcon_jax import cli, defaults, evaluate, interop, methods, models, optim, pretrained, report
 from softcon_jax import sharding, state, train
 from softcon_jax.data import augment, normalize
 from softcon_jax.evaluators import backbone as backbone_lib
@@ -202,6 +204,42 @@ def test_weights_cli_knn_and_linear_on_planted_eurosat(tmp_path):
     with pytest.raises(FileNotFoundError, match="sidecar"):
         os.remove(weights + ".json")
         evaluate.main(["--weights", weights, "--task", "eurosat_knn"])
+
+
+@pytest.mark.parametrize("change", ["bands", "architecture"])
+def test_weights_whose_sidecar_disagrees_are_refused_naming_both(tmp_path, tmp_path_factory,
+                                                                 monkeypatch, capsys, change):
+    """A 13-band file whose sidecar says 12 bands (or another ViT width) is never evaluated
+    with a re-drawn first layer: one error line naming the file's and the sidecar's values,
+    no results written."""
+    model, variables = _tiny_backbone()
+    weights = str(tmp_path / "bb.safetensors")
+    interop.export_torch(model, variables, weights, band_order=normalize.S2C_BANDS,
+                         normalization={"name": "softcon", "stats": "s2c"})
+    sidecar = json.loads(open(weights + ".json").read())
+    if change == "bands":
+        sidecar["in_chans"], sidecar["band_order"] = 12, normalize.S2A_BANDS
+        named = ["in_chans=12", "patch_embed.proj.weight has 13 input channels, the model 12"]
+    else:
+        sidecar["timm_kwargs"]["embed_dim"] = 48
+        named = ["'embed_dim': 48", "cls_token: file (1, 1, 32) vs model (1, 1, 48)"]
+    with open(weights + ".json", "w") as f:
+        json.dump(sidecar, f)
+    monkeypatch.setenv(cli.LOG_DIR_ENV, str(tmp_path_factory.mktemp("logs")))
+    before = snapshot(str(tmp_path))
+    out = str(tmp_path / "out.json")
+    with pytest.raises(pretrained.SidecarMismatchError) as err:
+        evaluate.main(["--weights", weights, "--task", "eurosat_knn", "--out", out])
+    message = str(err.value)
+    assert f"--weights {weights} does not match its sidecar {weights}.json" in message
+    for text in named:
+        assert text in message, message
+    assert cli.call(evaluate.main, ["--weights", weights, "--task", "eurosat_knn",
+                                    "--out", out]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("error:")]
+    assert len(errors) == 1 and named[0] in errors[0]
+    assert snapshot(str(tmp_path)) == before
 
 
 # ---- end to end: --workdir, BigEarthNet, online monitor, report -------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import snapshot
+from helpers import fill_disk, small_tmpfs, snapshot
 
 from configs import seco
 from softcon_jax import cli, export, interop, methods, optim, sharding, train
@@ -114,3 +114,28 @@ def test_importer_names_a_file_that_is_not_a_checkpoint(tmp_path, content):
     with pytest.raises(cli.UserValueError, match="not a readable .safetensors file"):
         interop.read_state_dict(str(bad))
     assert snapshot(str(tmp_path)) == {"scene.pth": content, "x.safetensors": content}
+
+
+def test_export_to_a_full_disk_is_one_line_and_keeps_the_previous_export(tmp_path):
+    """Disk full while exporting over an earlier export: one `error:` line naming the file
+    and the cause, exit 1; the earlier weights and sidecar byte-identical, no temporary file."""
+    workdir = _seco_workdir(tmp_path)
+    with small_tmpfs(tmp_path / "disk", 96 * 1024) as disk:  # ResNet-18: 45 MB
+        out = os.path.join(disk, "rn18.safetensors")
+        export.export_workdir(workdir, out, "torchvision")
+        fill_disk(disk, leave_bytes=1 << 20)
+        before = {p: open(p, "rb").read() for p in (out, out + ".json")}
+        env = dict(os.environ, PYTHONPATH=REPO, SOFTCON_LOG_DIR=str(tmp_path / "logs"),
+                   JAX_PLATFORMS="cpu")
+        res = subprocess.run([sys.executable, "-m", "softcon_jax.export", "--workdir", workdir,
+                              "--out", out, "--format", "torchvision", "--which", "student"],
+                             capture_output=True, text=True, cwd=REPO, env=env)
+        assert res.returncode == 1, res.stderr[-3000:]
+        (line,) = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+        assert line.startswith(f"error: could not write the weights to {out} (No space left "
+                               "on device;"), line
+        assert line.endswith(f"{out} is unchanged."), line
+        assert "Traceback" not in res.stderr
+        assert {p: open(p, "rb").read() for p in before} == before
+        assert sorted(os.listdir(disk)) == ["filler", "rn18.safetensors",
+                                            "rn18.safetensors.json"]

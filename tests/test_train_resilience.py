@@ -23,8 +23,11 @@ import portpicker
 import pytest
 from tensorboardX.proto import event_pb2
 
+from helpers import fill_disk, small_tmpfs, snapshot
+
 from softcon_jax import methods, optim, sharding, train
 from softcon_jax.checkpoint import Checkpointer, abstract_with_shardings
+from softcon_jax.data.source import open_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 8         # total steps of the resume runs
@@ -283,7 +286,11 @@ def test_kill_during_async_save_keeps_previous_checkpoint(shared, straight, tmp_
     restored = _restore_state(workdir, stall - 2)
     assert int(restored.step) == stall - 2
 
+    # The killed run's lock stays behind; its process is gone, so it does not block.
+    assert json.loads((workdir / "lock").read_text())["pid"] == proc.pid
     log = _run(shared, workdir, "--config.checkpoint.every_steps=2")
+    assert f"Took over the stale lock of {workdir} (host " in log
+    assert f"its process {proc.pid} on" in log
     assert f"Resuming from {workdir / 'checkpoints'}/{stall - 2}" in log
     assert _steps(workdir)[-1] == K
     # Same data position and state as an uninterrupted run: the same final parameters.
@@ -355,3 +362,143 @@ def test_train_loop_compiles_once_and_makes_no_implicit_transfers(shared, tmp_pa
         assert result["guard_active"] is True
         # The step compiled once, at its first call, never again.
         assert result["cache_sizes"] == [1] * HALF
+
+
+# ==== 5. One run per workdir ===============================================================
+
+def _error_lines(log):
+    return [line for line in log.splitlines() if line.startswith("error:")]
+
+
+def test_second_trainer_on_a_held_workdir_stops_and_changes_nothing(shared, tmp_path):
+    """A second trainer (another learning rate) on a live run's workdir: one line naming the
+    holder, exit 1, the first run's files byte-identical; the first run then ends as it was
+    configured, and gives the workdir back."""
+    workdir = tmp_path / "run"
+    first = _start(shared, workdir, "--config.total_steps=100", "--config.checkpoint.every_steps=4")
+    deadline = time.monotonic() + TIMEOUT
+    while not os.path.isdir(workdir / "checkpoints" / "4"):
+        assert first.poll() is None, first.communicate()[0][-6000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)  # alive, holding the lock, writing nothing meanwhile
+    try:
+        before, data_before = snapshot(workdir), snapshot(shared["data"])
+        second = _start(shared, workdir, "--config.optimizer.lr=0.5")
+        log = second.communicate(timeout=TIMEOUT)[0]
+        assert second.returncode == 1, log[-6000:]
+        (line,) = _error_lines(log)
+        lock = json.loads((workdir / "lock").read_text())
+        assert lock["pid"] == first.pid
+        assert (f"--workdir {workdir} is in use by another run (host {lock['host']}, pid "
+                f"{first.pid}, started {lock['started']}" in line), line
+        assert "Traceback" not in log and "use another --workdir" in line
+        assert snapshot(workdir) == before and snapshot(shared["data"]) == data_before
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _finish(first)
+    assert _steps(workdir)[-1] == 100 and not os.path.exists(workdir / "lock")
+    config = Checkpointer(str(workdir), async_save=False).restore_config(100)
+    assert config["optimizer"]["lr"] == pytest.approx(2e-3)  # the first run's own settings
+
+
+def test_two_trainers_started_together_one_trains_one_stops_before_the_data(shared, tmp_path):
+    """Both start on a fresh workdir and a not yet written synthetic dataset: exactly one
+    trains; the other stops with the lock line, without a traceback and without touching
+    the data it would have written."""
+    workdir, data_dir = tmp_path / "run", tmp_path / "data"
+    procs = [_start(shared, workdir, f"--config.data.path={data_dir}",
+                    "--config.total_steps=200") for _ in range(2)]
+    logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 1], [log[-3000:] for log in logs]
+    loser = logs[[p.returncode for p in procs].index(1)]
+    (line,) = _error_lines(loser)
+    assert "is in use by another run" in line and "Traceback" not in loser
+    assert "Traceback" not in logs[0] + logs[1]
+    assert _steps(workdir) == [200] and not os.path.exists(workdir / "lock")
+    # The dataset the winner wrote is whole: no temporary file of a second writer, and it
+    # opens with every location listed.
+    meta = json.loads((data_dir / "metadata.json").read_text())
+    assert sorted(f for f in os.listdir(data_dir) if os.path.isfile(data_dir / f)) == sorted(
+        meta["shards"] + ["metadata.json"])
+    assert len(open_dataset(str(data_dir))) == 64
+
+
+# ==== 6. No orphaned data workers ==========================================================
+
+def _descendants(pid):
+    """Pids of every live process below `pid` (from /proc)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_killed_trainer_leaves_no_live_data_worker(shared, tmp_path):
+    """kill -9 of a trainer with Grain worker processes, while they start and while they
+    produce batches: every worker exits by itself."""
+    proc = _start(shared, tmp_path / "run", "--config.data.num_workers=2",
+                  "--config.total_steps=100000")
+    deadline = time.monotonic() + TIMEOUT
+    while len(_descendants(proc.pid)) < 2:
+        assert proc.poll() is None, proc.communicate()[0][-6000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(2)
+    workers = _descendants(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)  # (the workers hold its stdout open while they live)
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in workers if _alive(p)], workers
+    proc.communicate(timeout=60)
+
+
+# ==== 7. Disk full during a checkpoint save ================================================
+
+def test_disk_full_during_a_training_checkpoint_is_one_error_line(shared, tmp_path):
+    """The trainer on a full disk: `error:` naming the checkpoint directory and the cause,
+    exit 1, no traceback on the terminal (it is in the log file), the previous checkpoint
+    byte-identical and no temporary directory left."""
+    with small_tmpfs(tmp_path / "disk", 8192) as disk:
+        workdir = os.path.join(disk, "run")
+        _run(shared, workdir, f"--config.stop_after_step={HALF}",
+             f"--config.checkpoint.every_steps={HALF}")
+        checkpoints = os.path.join(workdir, "checkpoints")
+        good = snapshot(os.path.join(checkpoints, str(HALF)))
+        fill_disk(disk, leave_bytes=64 * 1024)
+        proc = _start(shared, workdir, f"--config.checkpoint.every_steps={HALF}",
+                      SOFTCON_LOG_DIR=tmp_path / "logs")
+        log = proc.communicate(timeout=TIMEOUT)[0]
+        assert proc.returncode == 1, log[-6000:]
+        (line,) = _error_lines(log)
+        assert line.startswith(f"error: could not write checkpoint step {K} to {checkpoints} "
+                               "(No space left on device;"), line
+        assert f"The last good checkpoint is step {HALF} (untouched)" in line
+        assert "Traceback" not in log, log[-6000:]
+        (log_file,) = os.listdir(tmp_path / "logs")
+        assert "No space left on device" in (tmp_path / "logs" / log_file).read_text()
+        assert os.listdir(checkpoints) == [str(HALF)]
+        assert snapshot(os.path.join(checkpoints, str(HALF))) == good

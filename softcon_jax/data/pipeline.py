@@ -23,6 +23,7 @@ own (`softcon_jax.methods.softcon.SoftConViews`, `...seco.SeCoViews`).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from typing import Any
 
@@ -192,9 +193,14 @@ def build_dataset(data_config: Any, *, global_batch_size: int, seed: int,
     dataset = open_dataset(data_config.path)
     meta, meta_path, source = dataset.meta, dataset.meta_path, dataset.source
     transform = build_views_transform(data_config, meta, meta_path, dtype, views)
-    if len(source) < process_count:
-        raise UserValueError(f"{meta_path}: {len(source)} records for {process_count} processes")
     per_host = global_batch_size // process_count
+    if len(source) // process_count < per_host:  # every batch would repeat locations
+        raise UserValueError(
+            f"config.global_batch_size={global_batch_size} ({per_host} per process, "
+            f"{process_count} process(es)) is larger than the {len(source)} locations of "
+            f"{meta_path} ({len(source) // process_count} per process): every batch would "
+            f"repeat locations (false negatives in the contrastive loss). Lower "
+            f"config.global_batch_size, or use a larger dataset.")
 
     ds = grain.MapDataset.source(source)
     ds = ds.shuffle(seed=_seed32(seed, 0))  # same on every host: slices stay disjoint
@@ -210,8 +216,25 @@ def build_dataset(data_config: Any, *, global_batch_size: int, seed: int,
         _ensure_absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=num_workers,
-            per_worker_buffer_size=int(data_config.get("worker_buffer_size", 2))))
+            per_worker_buffer_size=int(data_config.get("worker_buffer_size", 2))),
+            worker_init_fn=functools.partial(exit_with_parent, parent=os.getpid()))
     return it
+
+
+def exit_with_parent(worker_index: int = 0, worker_count: int = 1, *, parent: int,
+                     poll_s: float = 1.0) -> None:
+    """Grain worker start-up: the worker exits within `poll_s` once `parent` (the trainer)
+    is gone, also after `kill -9`, which runs no clean-up. A daemon thread watches the
+    parent pid: an orphan is re-parented, so its parent pid changes (a worker whose parent
+    died while it was still starting exits at once)."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            threading.Event().wait(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _ensure_absl_flags_parsed() -> None:

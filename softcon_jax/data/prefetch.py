@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from softcon_jax.cli import UserValueError
+
 _POLL_S = 0.1  # how often a blocked producer checks for close()
 
 
@@ -47,7 +49,7 @@ class DevicePrefetcher(Iterator):
 
     def __init__(self, host_iter: Any, to_device: Callable[[Any], Any], size: int = 2):
         if size < 0:
-            raise ValueError(f"config.prefetch_to_device={size}; expected an integer >= 0.")
+            raise UserValueError(f"config.prefetch_to_device={size}; expected an integer >= 0.")
         self._it = host_iter
         self._to_device = to_device
         self._size = int(size)

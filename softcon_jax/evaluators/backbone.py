@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from softcon_jax.cli import UserValueError
 from softcon_jax.data import normalize
 
 SECO_INPUT_SCALE = 255.0 / 10000.0
@@ -61,7 +62,7 @@ def model_input(bands: dict[str, np.ndarray], backbone: Backbone,
     missing = [b for b in backbone.band_order if b not in bands]
     bad = [b for b in missing if b not in ZERO_FILL_BANDS]
     if bad:
-        raise ValueError(f"{dataset} has no band(s) {bad} that the model needs (model bands "
+        raise UserValueError(f"{dataset} has no band(s) {bad} that the model needs (model bands "
                          f"{backbone.band_order}, dataset bands {sorted(bands)}).")
     shape = next(iter(bands.values())).shape
     x = np.stack([bands[b] if b in bands else np.zeros(shape, np.float32)

@@ -27,13 +27,13 @@ import numpy as np
 
 from softcon_jax import cli, models
 from softcon_jax.interop import keymaps
-from softcon_jax.interop.io import read_state_dict, write_state_dict, write_text_atomic
+from softcon_jax.interop.io import read_state_dict, staged, write_state_dict
 from softcon_jax.interop.resample import dinov2_interpolate_pos_embed, resample_pos_embed
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("timm", "torchvision", "dinov2")
-FIRST_LAYER_MODES = ("reinit", "from_rgb")
+FIRST_LAYER_MODES = ("reinit", "from_rgb", "error")
 POS_EMBED_INTERPOLATIONS = ("timm", "dinov2")
 
 
@@ -98,7 +98,9 @@ def import_torch(path: str | os.PathLike, arch: str, in_channels: int, *,
       first_layer: what to do when the file's first layer has another channel count:
         'reinit' (default, as SoftCon): a fresh init of conv1 / patch_embed.proj weight
         (the patch-embed bias is kept); 'from_rgb': every band gets the mean of the file's
-        kernels over its channels, scaled by C_file / in_channels.
+        kernels over its channels, scaled by C_file / in_channels; 'error': raise
+        `StateDictMismatchError` naming both channel counts (evaluation uses it: a file is
+        evaluated as it is, never with a re-initialised layer).
       img_size: ViT input size; the position embedding is resampled to its grid when the
         file's grid differs (e.g. DINOv2's 37x37 at 518 px -> 16x16 at 224 px). Ignored for
         ResNets.
@@ -167,6 +169,10 @@ def import_torch(path: str | os.PathLike, arch: str, in_channels: int, *,
     sd = dict(sd)
     w = sd[first_key]
     if w.shape[1] != in_channels:
+        if first_layer == "error":
+            raise StateDictMismatchError(
+                f"{path}: its first layer {first_key} has {w.shape[1]} input channels, the "
+                f"model {in_channels}.")
         if first_layer == "reinit":
             init = layout.first_layer_init()
             o, _, kh, kw = spec[first_key][3]
@@ -174,7 +180,7 @@ def import_torch(path: str | os.PathLike, arch: str, in_channels: int, *,
             sd[first_key] = keymaps.to_torch_layout("conv", np.asarray(fresh))
         else:
             sd[first_key] = _first_layer_from_file(w, in_channels)
-        log.info("%s: %s has %d input channels, model %d: first layer %s.", path, first_key,
+        log.warning("%s: %s has %d input channels, model %d: first layer %s.", path, first_key,
                  w.shape[1], in_channels, "re-initialised" if first_layer == "reinit"
                  else "built from the file's mean kernel")
     sd = layout.adapt(sd, model, spec, pos_embed_antialias=pos_embed_antialias,
@@ -249,8 +255,11 @@ def export_torch(model: Any, variables: Any, out_path: str | os.PathLike,
         "num_features": int(model.num_features),
     }
     layout.export_extras(model, format, state_dict, sidecar)
-    write_state_dict(state_dict, out_path)
-    write_text_atomic(f"{out_path}.json", json.dumps(sidecar, indent=2) + "\n")
+    # Both files or neither: the sidecar is renamed into place only after the weights were.
+    with staged(f"{out_path}.json", "the sidecar") as tmp:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(sidecar, indent=2) + "\n")
+        write_state_dict(state_dict, out_path)
     return sidecar
 
 

@@ -6,6 +6,7 @@ import torch lazily and load with `weights_only=True` (no pickled code runs).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -41,17 +42,29 @@ def replace_atomic(tmp: str, path: str) -> None:
     os.replace(tmp, path)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` under a temporary name, then renames it (mode per umask)."""
+class WriteError(cli.UserError, OSError):
+    """A file could not be written (disk full, permission denied, a library's own error);
+    the message names the path and what was being written."""
+
+
+@contextlib.contextmanager
+def staged(path: str | os.PathLike, what: str):
+    """Yields a temporary name beside `path`; renames it to `path` when the block succeeds.
+
+    On any error the temporary file is removed and `path` keeps what it held; an error that
+    is not already a user error becomes one `WriteError` naming `what` and `path`.
+    """
     path = str(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        yield tmp
         replace_atomic(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, Exception) and not isinstance(e, cli.UserError):
+            raise WriteError(f"could not write {what} to {path} "
+                             f"({cli.storage_error_cause(e)}); {path} is unchanged.") from e
         raise
 
 
@@ -136,8 +149,8 @@ def write_state_dict(state_dict: dict[str, np.ndarray], path: str | os.PathLike)
     if suffix != ".safetensors" and suffix not in TORCH_SUFFIXES:
         raise cli.UserValueError(f"{path}: unsupported output suffix {suffix!r}; expected "
                                  f".safetensors or one of {list(TORCH_SUFFIXES)}.")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    # Renamed into place with the mode per umask (0644), like any file the user writes.
+    with staged(path, "the weights") as tmp:
         if suffix == ".safetensors":
             from safetensors.numpy import save_file
 
@@ -146,8 +159,3 @@ def write_state_dict(state_dict: dict[str, np.ndarray], path: str | os.PathLike)
             import torch  # lazy: torch is an optional extra
 
             torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, tmp)
-        replace_atomic(tmp, path)  # mode per umask (0644), like any file the user writes
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
