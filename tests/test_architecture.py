@@ -99,6 +99,50 @@ def test_nothing_imports_the_trainer():
     assert importers == []
 
 
+# The package's layers, bottom to top. A module imports from its own layer or below, never
+# above: models know nothing of interop, the library nothing of the data_prep scripts.
+LAYERS = (
+    ("cli", "defaults", "distributed", "logs", "signals", "registry", "overrides", "sharding",
+     "report", "workdir_lock"),
+    ("data", "models", "losses", "optim", "checkpoint"),
+    ("interop", "methods", "evaluators", "hlo", "gpu_targets"),
+    ("state", "step", "pretrained"),
+    ("train", "export", "evaluate", "plan", "study", "study_run", "study_report"),
+)
+
+
+def _layer(module: str) -> int:
+    group = module.split(".")[1] if "." in module else ""
+    for i, names in enumerate(LAYERS):
+        if group in names:
+            return i
+    return len(LAYERS)  # the package itself (softcon_jax/__init__) sits on top
+
+
+def test_every_module_has_a_layer():
+    unplaced = sorted({n.split(".")[1] for n in GRAPH if "." in n} - set().union(*LAYERS))
+    assert not unplaced, f"add these to LAYERS in tests/test_architecture.py: {unplaced}"
+
+
+def test_no_import_runs_upward():
+    upward = [f"{name} ({_layer(name)}) imports {dep} ({_layer(dep)})"
+              for name, deps in sorted(GRAPH.items()) for dep in sorted(deps)
+              if _layer(dep) > _layer(name)]
+    assert not upward, "\n".join(upward)
+
+
+def test_library_does_not_import_the_scripts():
+    """data_prep (the converters' command-line scripts) builds on the library, not back."""
+    offenders = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(open(path).read())):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{name} imports {m}" for m in mods
+                          if m.split(".")[0] in ("data_prep", "benchmarks", "launch")]
+    assert not offenders, offenders
+
+
 def test_evaluators_are_leaves():
     forbidden = {"softcon_jax.train", "softcon_jax.state", "softcon_jax.step",
                  "softcon_jax.export", "softcon_jax.evaluate", "softcon_jax.pretrained",

@@ -28,7 +28,7 @@ import numpy as np
 from softcon_jax import cli, models
 from softcon_jax.interop import keymaps
 from softcon_jax.interop.io import read_state_dict, staged, write_state_dict
-from softcon_jax.interop.resample import dinov2_interpolate_pos_embed, resample_pos_embed
+from softcon_jax.models.pos_embed import dinov2_interpolate_pos_embed, resample_pos_embed
 
 log = logging.getLogger(__name__)
 

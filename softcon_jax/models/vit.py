@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softcon_jax.models.layers import DropPath, LayerScale, torch_default_init
+from softcon_jax.models.pos_embed import dinov2_interpolate_pos_embed, resample_pos_embed
 from softcon_jax.models.registry import BACKBONES, BackboneSpec, TorchLayout
 
 Dtype = Any
@@ -277,7 +278,7 @@ class ViTLayout(TorchLayout):
 
     DINOv2 checkpoints saved with `block_chunks > 0` name blocks `blocks.<chunk>.<i>.`;
     those are renamed to `blocks.<i>.`. A position embedding of another square grid is
-    resampled (bicubic, `softcon_jax.interop.resample`).
+    resampled (bicubic, `softcon_jax.models.pos_embed`).
     """
 
     first_layer = "patch_embed.proj.weight"
@@ -302,9 +303,6 @@ class ViTLayout(TorchLayout):
               pos_embed_interpolation="timm", log=None, **_):
         # NumPy only. 'timm': timm's resample_abs_pos_embed to the exact size; 'dinov2':
         # DINOv2's interpolate_pos_encoding (offset 0.1, no antialias).
-        from softcon_jax.interop.resample import (dinov2_interpolate_pos_embed,
-                                                  resample_pos_embed)
-
         want = spec["pos_embed"][3]
         if state_dict["pos_embed"].shape != want:
             if log is not None:
