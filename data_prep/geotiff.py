@@ -8,14 +8,24 @@ reference loaders use); 10 m bands are copied unchanged.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import dataclasses
 import os
 import re
 
 import numpy as np
-import rasterio
 
-from data_prep.shards import BadInputError
+# GDAL looks for sidecar files (.aux.xml, .ovr, .msk) by listing the folder on every open;
+# a band's pixels never depend on them here, and skipping the listing makes opening the 52
+# small files of a location much cheaper (more so on network filesystems).
+os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
+import rasterio  # noqa: E402  (after the GDAL setting above)
+
+from data_prep import storage  # noqa: E402
+from data_prep.shards import BadInputError  # noqa: E402
 from softcon_jax.data.augment import resize_bilinear
+
+READ_THREADS = 8  # concurrent band reads per process (local files or object requests)
 
 # Ground resolution (m) of every band name used by the datasets.
 RESOLUTION = {
@@ -30,9 +40,8 @@ def native_size(band: str, size: int) -> int:
 
 
 def list_dirs(path: str) -> list[str]:
-    """Sorted names of the sub-directories of ``path`` (files are ignored)."""
-    with os.scandir(path) as it:
-        return sorted(e.name for e in it if e.is_dir())
+    """Sorted names of the sub-directories of ``path`` (local or URL; files are ignored)."""
+    return sorted(name for name, is_dir in storage.scandir(path).items() if is_dir)
 
 
 _DATE = re.compile(r"\d{8}T\d{6}")
@@ -55,12 +64,34 @@ def list_dirs_by_date(path: str) -> list[str]:
     return sorted(list_dirs(path), key=acquisition_key)
 
 
-def read_band(path: str, expected: int) -> np.ndarray:
-    """Band 1 of a GeoTIFF; BadInputError if missing, unreadable or not expected^2."""
-    if not os.path.exists(path):
-        raise BadInputError(path, "missing band file")
+def scan_locations(root: str) -> dict[str, list[str]]:
+    """{location folder: its season folders in date order} of ``root`` (local or URL).
+
+    On a bucket every location is one listing request: they run concurrently.
+    """
+    locations = list_dirs(root)
+    if not storage.is_url(root):
+        return {loc: list_dirs_by_date(os.path.join(root, loc)) for loc in locations}
+    with cf.ThreadPoolExecutor(max_workers=32) as pool:
+        seasons = pool.map(lambda loc: list_dirs_by_date(storage.join(root, loc)), locations)
+        return dict(zip(locations, seasons))
+
+
+def _open_band(path: str, data: bytes | None, expected: int, dtype: np.dtype,
+               what: str) -> np.ndarray:
+    """Band 1 of the GeoTIFF at ``path`` (or its bytes ``data``), checked."""
     try:
-        with rasterio.open(path) as src:
+        if data is None:
+            src = rasterio.open(path)
+        else:
+            memfile = rasterio.MemoryFile(data)
+            src = memfile.open()
+        with src:
+            found = np.dtype(src.dtypes[0])
+            if found != dtype:
+                raise BadInputError(path, f"band dtype {found}, expected {dtype} for {what}; "
+                                          f"bands are stored without conversion (a cast "
+                                          f"could wrap or truncate values)")
             arr = src.read(1)
     except rasterio.errors.RasterioError as e:
         raise BadInputError(path, f"unreadable GeoTIFF ({e})") from None
@@ -70,37 +101,107 @@ def read_band(path: str, expected: int) -> np.ndarray:
     return arr
 
 
+def read_band(path: str, expected: int, dtype: str = "uint16", what: str = "this dataset"
+              ) -> np.ndarray:
+    """Band 1 of a GeoTIFF; BadInputError if missing, unreadable, not ``dtype`` or not
+    expected^2 px."""
+    if not storage.exists(path):
+        raise BadInputError(path, "missing band file")
+    data = storage.read_bytes(path) if storage.is_url(path) else None
+    return _open_band(path, data, expected, np.dtype(dtype), what)
+
+
 def to_grid(arr: np.ndarray, size: int, dtype: np.dtype) -> np.ndarray:
-    """Bilinear resample to (size, size); integer outputs are rounded and clipped."""
+    """Bilinear resample of (H, W) or (H, W, C) to (size, size[, C]); integer outputs are
+    rounded and clipped. Channels are independent: stacking bands changes no value."""
     dtype = np.dtype(dtype)
-    if arr.shape == (size, size):
+    if arr.shape[:2] == (size, size):
         return arr.astype(dtype, copy=False)
-    out = resize_bilinear(arr[:, :, None].astype(np.float32), (size, size))[:, :, 0]
+    stack = arr if arr.ndim == 3 else arr[:, :, None]
+    out = resize_bilinear(stack.astype(np.float32), (size, size))
+    if arr.ndim == 2:
+        out = out[:, :, 0]
     if dtype.kind in "ui":
         info = np.iinfo(dtype)
         out = np.clip(np.rint(out), info.min, info.max)
     return out.astype(dtype)
 
 
-def read_season(folder: str, bands: list[str], size: int, dtype: np.dtype) -> np.ndarray:
-    """(C, size, size) array of ``folder/<band>.tif`` for every band, in order."""
-    if not os.path.isdir(folder):
-        raise BadInputError(folder, "season folder does not exist")
-    if not any(name.lower().endswith((".tif", ".tiff")) for name in os.listdir(folder)):
+@dataclasses.dataclass(frozen=True)
+class Season:
+    """How to read one season folder: band order, grid, dtype, non-finite policy."""
+
+    bands: tuple[str, ...]
+    size: int
+    dtype: str
+    what: str = "this dataset"          # named in dtype errors ("s2c (uint16)")
+    fill_value: float | None = None     # None: non-finite pixels are an error
+
+
+_POOL: cf.ThreadPoolExecutor | None = None
+
+
+def _pool() -> cf.ThreadPoolExecutor:
+    """Threads reading a season's bands concurrently (GDAL releases the GIL)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = cf.ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="band")
+    return _POOL
+
+
+def read_season(folder: str, spec: Season) -> tuple[np.ndarray, int]:
+    """((C, size, size) array of ``folder/<band>.tif`` for every band in order, number of
+    non-finite pixels replaced by ``spec.fill_value``).
+
+    One listing of the folder replaces an existence check per band; the bands are opened
+    and read concurrently; bands of the same resolution are resampled together.
+    """
+    try:
+        names = storage.scandir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        raise BadInputError(folder, "season folder does not exist") from None
+    if not any(name.lower().endswith((".tif", ".tiff")) for name in names):
         raise BadInputError(folder, "season folder has no band files (*.tif)")
-    out = np.empty((len(bands), size, size), dtype)
-    for i, band in enumerate(bands):
-        arr = read_band(os.path.join(folder, f"{band}.tif"), native_size(band, size))
-        out[i] = to_grid(arr, size, dtype)
-    return out
+    paths = [storage.join(folder, f"{band}.tif") for band in spec.bands]
+    for band, path in zip(spec.bands, paths):
+        if f"{band}.tif" not in names:
+            raise BadInputError(path, "missing band file")
+    dtype = np.dtype(spec.dtype)
+    blobs = storage.read_many(paths) if storage.is_url(folder) else [None] * len(paths)
+    sizes = [native_size(band, spec.size) for band in spec.bands]
+    arrays = list(_pool().map(_open_band, paths, blobs, sizes, [dtype] * len(paths),
+                              [spec.what] * len(paths)))
+    filled = 0
+    if dtype.kind == "f":
+        for path, arr in zip(paths, arrays):
+            bad = ~np.isfinite(arr)
+            n = int(bad.sum())
+            if n and spec.fill_value is None:
+                raise BadInputError(path, f"{n} non-finite pixels (NaN or inf); convert with "
+                                          f"--nonfinite fill --fill-value V to replace them "
+                                          f"(recorded in metadata.json), or --skip-bad to "
+                                          f"skip the location")
+            if n:
+                arr[bad] = spec.fill_value
+                filled += n
+    out = np.empty((len(spec.bands), spec.size, spec.size), dtype)
+    for native in sorted(set(sizes)):
+        idx = [i for i, n in enumerate(sizes) if n == native]
+        grid = to_grid(np.stack([arrays[i] for i in idx], axis=-1), spec.size, dtype)
+        out[idx] = np.moveaxis(grid, -1, 0)
+    return out, filled
 
 
 def infer_size(folder: str, bands: list[str]) -> int:
     """The 10 m grid size, from the first 10 m band found in ``folder``."""
     for band in bands:
         if RESOLUTION[band] == 10:
-            path = os.path.join(folder, f"{band}.tif")
-            if os.path.exists(path):
+            path = storage.join(folder, f"{band}.tif")
+            if storage.exists(path):
+                if storage.is_url(path):
+                    with rasterio.MemoryFile(storage.read_bytes(path)) as mem, \
+                            mem.open() as src:
+                        return int(src.height)
                 with rasterio.open(path) as src:
                     return int(src.height)
     raise BadInputError(folder, f"no 10 m band of {bands} to infer the image size from; "
