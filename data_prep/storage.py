@@ -15,7 +15,6 @@ final name never holds a partial object.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import posixpath
@@ -53,9 +52,8 @@ def local(path: str) -> str:
     return path[len("file://"):] if str(path).startswith("file://") else str(path)
 
 
-@functools.lru_cache(maxsize=64)
 def _fs_for(protocol_url: str):
-    import fsspec
+    import fsspec  # caches its filesystem instances itself
 
     return fsspec.core.url_to_fs(protocol_url)[0]
 
@@ -190,7 +188,8 @@ def publish(local_file: str, dest: str, what: str, still_allowed=lambda: True) -
         if not still_allowed():
             raise StorageError(f"{dest}: not published ({what}): the converter that started "
                                f"this worker has exited")
-        f.mv(tmp, p)
+        f.copy(tmp, p)  # a server-side copy: the object appears complete or not at all
+        f.rm_file(tmp)
     except StorageError:
         _quiet_rm(f, tmp)
         raise
