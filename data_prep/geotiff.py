@@ -15,10 +15,14 @@ import re
 
 import numpy as np
 
-# GDAL looks for sidecar files (.aux.xml, .ovr, .msk) by listing the folder on every open;
-# a band's pixels never depend on them here, and skipping the listing makes opening the 52
-# small files of a location much cheaper (more so on network filesystems).
+# Opening is most of a location's cost (52 small files for S2). Two GDAL settings make it
+# cheaper without changing a pixel: GDAL lists the folder on every open to find sidecar
+# files (.aux.xml, .ovr, .msk), which band 1's pixels never depend on; and it resolves the
+# file's CRS against the EPSG database, which the converters never use (GEOKEYS reads the
+# GeoTIFF keys as stored). Both are GDAL configuration options (gdal.org, "Configuration
+# options"; GTiff driver); a value the user set in the environment wins.
 os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
+os.environ.setdefault("GTIFF_SRS_SOURCE", "GEOKEYS")
 import rasterio  # noqa: E402  (after the GDAL setting above)
 
 from data_prep import storage  # noqa: E402
@@ -101,26 +105,12 @@ def _open_band(path: str, data: bytes | None, expected: int, dtype: np.dtype,
     return arr
 
 
-def read_band(path: str, expected: int, dtype: str = "uint16", what: str = "this dataset"
-              ) -> np.ndarray:
-    """Band 1 of a GeoTIFF; BadInputError if missing, unreadable, not ``dtype`` or not
-    expected^2 px."""
-    if not storage.exists(path):
-        raise BadInputError(path, "missing band file")
-    data = storage.read_bytes(path) if storage.is_url(path) else None
-    return _open_band(path, data, expected, np.dtype(dtype), what)
-
-
 def to_grid(arr: np.ndarray, size: int, dtype: np.dtype) -> np.ndarray:
-    """Bilinear resample of (H, W) or (H, W, C) to (size, size[, C]); integer outputs are
-    rounded and clipped. Channels are independent: stacking bands changes no value."""
+    """Bilinear resample to (size, size); integer outputs are rounded and clipped."""
     dtype = np.dtype(dtype)
-    if arr.shape[:2] == (size, size):
+    if arr.shape == (size, size):
         return arr.astype(dtype, copy=False)
-    stack = arr if arr.ndim == 3 else arr[:, :, None]
-    out = resize_bilinear(stack.astype(np.float32), (size, size))
-    if arr.ndim == 2:
-        out = out[:, :, 0]
+    out = resize_bilinear(arr[:, :, None].astype(np.float32), (size, size))[:, :, 0]
     if dtype.kind in "ui":
         info = np.iinfo(dtype)
         out = np.clip(np.rint(out), info.min, info.max)
@@ -149,12 +139,14 @@ def _pool() -> cf.ThreadPoolExecutor:
     return _POOL
 
 
-def read_season(folder: str, spec: Season) -> tuple[np.ndarray, int]:
+def read_season(folder: str, spec: Season, out: np.ndarray | None = None
+                ) -> tuple[np.ndarray, int]:
     """((C, size, size) array of ``folder/<band>.tif`` for every band in order, number of
-    non-finite pixels replaced by ``spec.fill_value``).
+    non-finite pixels replaced by ``spec.fill_value``). ``out``: an array to fill instead
+    of a new one (a season of the location's (T, C, H, W) image: no copy to stack them).
 
     One listing of the folder replaces an existence check per band; the bands are opened
-    and read concurrently; bands of the same resolution are resampled together.
+    and read concurrently (object requests on a bucket, GDAL's file I/O locally).
     """
     try:
         names = storage.scandir(folder)
@@ -184,11 +176,10 @@ def read_season(folder: str, spec: Season) -> tuple[np.ndarray, int]:
             if n:
                 arr[bad] = spec.fill_value
                 filled += n
-    out = np.empty((len(spec.bands), spec.size, spec.size), dtype)
-    for native in sorted(set(sizes)):
-        idx = [i for i, n in enumerate(sizes) if n == native]
-        grid = to_grid(np.stack([arrays[i] for i in idx], axis=-1), spec.size, dtype)
-        out[idx] = np.moveaxis(grid, -1, 0)
+    if out is None:
+        out = np.empty((len(spec.bands), spec.size, spec.size), dtype)
+    for i, arr in enumerate(arrays):
+        out[i] = to_grid(arr, spec.size, dtype)
     return out, filled
 
 

@@ -36,8 +36,9 @@ def make_example(item: tuple, *, root: str, size: int, timesteps: int) -> dict:
         raise BadInputError(loc_dir, f"expected {timesteps} timestamp folders, found "
                                      f"{len(stamps)}: {stamps}")
     spec = geotiff.Season(tuple(BANDS), size, "uint8", "SeCo (uint8)")
-    image = np.stack([geotiff.read_season(storage.join(loc_dir, s), spec)[0]
-                      for s in stamps])
+    image = np.empty((timesteps, len(BANDS), size, size), np.uint8)
+    for t, stamp in enumerate(stamps):
+        geotiff.read_season(storage.join(loc_dir, stamp), spec, image[t])
     return {"image": image, "labels": np.zeros((timesteps, NUM_CLASSES), np.uint8),
             "has_label": np.zeros(timesteps, bool), "seasons": list(stamps),
             "location": location}

@@ -185,8 +185,9 @@ def make_example(item: tuple, *, loc_root: str, spec: geotiff.Season, timesteps:
     if len(seasons) != timesteps:
         raise BadInputError(loc_dir, f"expected {timesteps} season folders, found "
                                      f"{len(seasons)}: {seasons}")
-    read = [geotiff.read_season(storage.join(loc_dir, s), spec) for s in seasons]
-    image = np.stack([image for image, _ in read])
+    image = np.empty((timesteps, len(spec.bands), spec.size, spec.size), spec.dtype)
+    filled = sum(geotiff.read_season(storage.join(loc_dir, s), spec, image[t])[1]
+                 for t, s in enumerate(seasons))
     labels = np.zeros((timesteps, NUM_CLASSES), np.uint8)
     has_label = np.zeros(timesteps, bool)
     for t, s in enumerate(seasons):
@@ -196,7 +197,7 @@ def make_example(item: tuple, *, loc_root: str, spec: geotiff.Season, timesteps:
             has_label[t] = True
     return {"image": image, "labels": labels, "has_label": has_label,
             "seasons": list(seasons), "location": location,
-            "num_nonfinite_filled": sum(n for _, n in read)}
+            "num_nonfinite_filled": filled}
 
 
 def scan_tree(loc_root: str) -> dict[str, list[str]]:
