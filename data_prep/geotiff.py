@@ -17,19 +17,20 @@ import numpy as np
 
 # Opening is most of a location's cost (52 small files for S2). Two GDAL settings make it
 # cheaper without changing a pixel: GDAL lists the folder on every open to find sidecar
-# files (.aux.xml, .ovr, .msk), which band 1's pixels never depend on; and it resolves the
+# files (.aux.xml, .ovr, .msk), which band 1's raw pixels never depend on; it resolves the
 # file's CRS against the EPSG database, which the converters never use (GEOKEYS reads the
 # GeoTIFF keys as stored). Both are GDAL configuration options (gdal.org, "Configuration
 # options"; GTiff driver); a value the user set in the environment wins.
 os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
 os.environ.setdefault("GTIFF_SRS_SOURCE", "GEOKEYS")
+os.environ.setdefault("GDAL_PAM_ENABLED", "NO")  # no .aux.xml lookups either
 import rasterio  # noqa: E402  (after the GDAL setting above)
 
 from data_prep import storage  # noqa: E402
 from data_prep.shards import BadInputError  # noqa: E402
 from softcon_jax.data.augment import resize_bilinear
 
-READ_THREADS = 8  # concurrent band reads per process (local files or object requests)
+READ_THREADS = 8  # concurrent band reads per process from a bucket (object requests)
 
 # Ground resolution (m) of every band name used by the datasets.
 RESOLUTION = {
@@ -132,7 +133,7 @@ _POOL: cf.ThreadPoolExecutor | None = None
 
 
 def _pool() -> cf.ThreadPoolExecutor:
-    """Threads reading a season's bands concurrently (GDAL releases the GIL)."""
+    """Threads opening a season's fetched bands concurrently (GDAL releases the GIL)."""
     global _POOL
     if _POOL is None:
         _POOL = cf.ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="band")
@@ -145,8 +146,8 @@ def read_season(folder: str, spec: Season, out: np.ndarray | None = None
     non-finite pixels replaced by ``spec.fill_value``). ``out``: an array to fill instead
     of a new one (a season of the location's (T, C, H, W) image: no copy to stack them).
 
-    One listing of the folder replaces an existence check per band; the bands are opened
-    and read concurrently (object requests on a bucket, GDAL's file I/O locally).
+    One listing of the folder replaces an existence check per band; on a bucket the bands
+    are fetched concurrently (one batch of requests) and opened in threads.
     """
     try:
         names = storage.scandir(folder)
@@ -159,10 +160,14 @@ def read_season(folder: str, spec: Season, out: np.ndarray | None = None
         if f"{band}.tif" not in names:
             raise BadInputError(path, "missing band file")
     dtype = np.dtype(spec.dtype)
-    blobs = storage.read_many(paths) if storage.is_url(folder) else [None] * len(paths)
     sizes = [native_size(band, spec.size) for band in spec.bands]
-    arrays = list(_pool().map(_open_band, paths, blobs, sizes, [dtype] * len(paths),
-                              [spec.what] * len(paths)))
+    if storage.is_url(folder):  # bound by requests: fetch concurrently, open in threads
+        blobs = storage.read_many(paths)
+        arrays = list(_pool().map(_open_band, paths, blobs, sizes, [dtype] * len(paths),
+                                  [spec.what] * len(paths)))
+    else:  # bound by CPU: threads would add overhead, the worker processes use the cores
+        with rasterio.Env():  # one GDAL environment for the season, not one per file
+            arrays = [_open_band(p, None, n, dtype, spec.what) for p, n in zip(paths, sizes)]
     filled = 0
     if dtype.kind == "f":
         for path, arr in zip(paths, arrays):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
 
 import numpy as np
 
@@ -68,7 +67,7 @@ def convert(root: str, out: str, *, num_shards: int, image_size: int | None = No
         "dataset": "seco", "modality": "s2a", "bands": BANDS, "dtype": "uint8",
         "timesteps": timesteps, "image_size": image_size, "num_classes": NUM_CLASSES,
         "has_labels": False,
-        "source": root if storage.is_url(root) else os.path.abspath(root),
+        "source": storage.abspath(root),
     }
     return shards.write_shards(out, items, fn, name="seco", num_shards=num_shards,
                                metadata=metadata, num_workers=num_workers, resume=resume,

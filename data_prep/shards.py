@@ -17,16 +17,17 @@
   otherwise. Shards of an unfinished conversion (no ``metadata.json``) are replaced only
   with ``resume=True`` (``--resume``), which keeps those whose inputs are unchanged. Files
   of other names in the directory are never touched.
-- ``out_dir`` may be a URL (``gs://...``, see ``data_prep.storage``): shards are then written
-  to a local temporary folder and uploaded, each under a temporary name renamed when
-  complete, markers and ``metadata.json`` likewise; the rules above hold the same way.
-- A storage error (disk full, permission denied, the storage library's own error) is one
-  ``StorageError`` naming the path and what was being written; the temporary file is
-  removed and shards already finished stay as they are.
-- Worker processes die with the converter (``kill -9``, SIGTERM) and never publish a shard
-  after it: a worker checks that its parent is alive just before each rename.
-- ``metadata.json`` lists at most ``MAX_SKIPPED_LISTED`` skipped inputs; the full list is the
-  side file ``skipped.jsonl`` (one JSON object a line), named by ``skipped_file``.
+- ``out_dir`` may be a URL (``gs://...``, ``data_prep.storage``): shards are written to a
+  local temporary folder and uploaded under a temporary name renamed when complete; the
+  rules above hold the same way.
+- A storage error (disk full, permission denied, a library's own error) is one
+  ``StorageError`` naming the path and what was written; the temporary file is removed,
+  finished shards stay. Workers (``data_prep.workers``) never publish after the converter.
+- ``metadata.json`` lists at most ``MAX_SKIPPED_LISTED`` skipped inputs; the full list is
+  the side file ``skipped.jsonl`` (one JSON object a line), named by ``skipped_file``.
+
+The module is a little over 400 lines long: planning, writing, resuming and finishing a
+conversion share one protocol (markers, fingerprints, temporary names) kept in one place.
 """
 
 from __future__ import annotations
@@ -80,11 +81,6 @@ def assign_shards(num_items: int, num_shards: int) -> list[range]:
     return [range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def write_json_atomic(path: str, obj: Any, what: str = "JSON") -> None:
-    """Writes JSON under a temporary name, then renames it into place (local or URL)."""
-    storage.write_json_atomic(path, obj, what)
-
-
 def read_metadata(directory: str) -> dict | None:
     """The dataset's metadata, or None when the dataset is absent/incomplete."""
     path = storage.join(directory, METADATA_FILE)
@@ -133,7 +129,7 @@ def write_shard(task: Task, progress: Callable[[int], None] = lambda n: None,
             shutil.rmtree(staging, ignore_errors=True)
         elif os.path.exists(tmp):
             os.remove(tmp)
-    write_json_atomic(storage.join(task.out_dir, MARKER_DIR, task.filename + ".json"),
+    storage.write_json_atomic(storage.join(task.out_dir, MARKER_DIR, task.filename + ".json"),
                       marker, f"the marker of shard {task.filename}")
     return marker
 
@@ -414,7 +410,7 @@ def _finish(out_dir: str, ordered: list[dict], tasks: list[Task], metadata: dict
         skipped_file=SKIPPED_FILE if skipped else None,
         fingerprint=base,
     )
-    write_json_atomic(storage.join(out_dir, METADATA_FILE), meta, METADATA_FILE)
+    storage.write_json_atomic(storage.join(out_dir, METADATA_FILE), meta, METADATA_FILE)
     log.info("wrote %d records in %d shards to %s (%d skipped)",
              meta["num_records"], len(tasks), out_dir, len(skipped))
     return meta

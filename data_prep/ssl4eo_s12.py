@@ -44,8 +44,6 @@ LMDB_WARNING = (
 )
 
 
-# ----------------------------------------------------------------------------- labels
-
 def load_labels(path: str) -> dict[str, dict[str, list[str]]]:
     """The SSL4EO-S12-ML label file (local or URL), checked for structure."""
     try:
@@ -257,8 +255,8 @@ def convert_tree(root: str, modality: str, out: str, *, num_shards: int, labels:
         "dataset": "ssl4eo_s12", "modality": modality, "bands": bands,
         "dtype": DTYPE[modality], "timesteps": TIMESTEPS, "image_size": image_size,
         "num_classes": NUM_CLASSES, "has_labels": bool(labels),
-        "source": _abspath(loc_root),
-        "labels_file": _abspath(labels) if labels else None,
+        "source": storage.abspath(loc_root),
+        "labels_file": storage.abspath(labels) if labels else None,
         "labels_matched_by": match_labels if labels else None,
     }
     if fill_value is not None:
@@ -269,9 +267,6 @@ def convert_tree(root: str, modality: str, out: str, *, num_shards: int, labels:
                                compression=compression, engine=engine, beam_args=beam_args,
                                pre_skipped=label_skips, desc=f"ssl4eo_s12 {modality}")
 
-
-def _abspath(path: str) -> str:
-    return path if storage.is_url(path) else os.path.abspath(path)
 
 
 # ----------------------------------------------------------------------------- LMDB

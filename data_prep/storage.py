@@ -47,6 +47,11 @@ def is_url(path: str) -> bool:
     return bool(sep) and scheme != "file" and "/" not in scheme
 
 
+def abspath(path: str) -> str:
+    """A URL as is; a local path made absolute."""
+    return path if is_url(path) else os.path.abspath(local(path))
+
+
 def local(path: str) -> str:
     """``file:///x`` -> ``/x``; other paths unchanged."""
     return path[len("file://"):] if str(path).startswith("file://") else str(path)

@@ -27,7 +27,6 @@ import argparse
 import functools
 import inspect
 import logging
-import os
 import re
 
 import numpy as np

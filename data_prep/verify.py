@@ -67,7 +67,6 @@ def _read_location(reader, i: int, k: int) -> dict:
 def verify(directory: str, *, progress: bool = True) -> dict:
     """Returns ``{"num_records", "num_shards", "num_bad", "bad": [(shard, index, reason)],
     "num_labelled_seasons", "num_seasons"}``."""
-    from array_record.python.array_record_module import ArrayRecordReader
 
     directory = storage.check(directory, "dataset")
     meta_path = storage.join(directory, shards.METADATA_FILE)
