@@ -19,7 +19,8 @@ SeCo: 12 uint8 bands, 5 timestamps) and converts them:
 Prints a Markdown table and writes JSON next to ``--out``. Outputs of before and after are
 compared byte for byte (they must be equal).
 
-    python benchmarks/conversion.py --locations 24 --out benchmarks/results/conversion.json
+    python benchmarks/conversion.py --locations 12 --out benchmarks/results/conversion.json
+    python benchmarks/conversion.py --smoke --out /tmp/conversion.json
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -148,19 +148,28 @@ def main(argv=None):
     p.add_argument("--baseline", default="720226a", help="git revision of the 'before'")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks/results/conversion.json"))
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument("--size", type=int, default=264, help="10 m grid size in px")
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds: 2 tiny locations, one repeat (checks the script runs)")
     a = p.parse_args(argv)
+    if a.smoke:
+        a.locations, a.repeats, a.size = 2, 1, 24
     work = a.work or tempfile.mkdtemp(prefix="conv-bench-")
     root = os.path.join(work, "tree")
     old = os.path.join(work, "baseline")
-    if not os.path.isdir(old):
-        os.makedirs(old)
-        tar = subprocess.run(["git", "archive", a.baseline, "data_prep"], cwd=REPO,
-                             check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", old], input=tar, check=True)
     before_path, after_path = f"{old}:{REPO}", REPO
+    if not os.path.isdir(os.path.join(old, "data_prep")):
+        os.makedirs(old, exist_ok=True)
+        tar = subprocess.run(["git", "archive", a.baseline, "data_prep"], cwd=REPO,
+                             capture_output=True)
+        if tar.returncode:  # e.g. a shallow clone without the baseline revision
+            print(f"baseline {a.baseline} not in this checkout; 'before' = the working tree")
+            before_path = REPO
+        else:
+            subprocess.run(["tar", "-x", "-C", old], input=tar.stdout, check=True)
     for kind in ("s2c", "s1", "seco"):
         if not os.path.isdir(os.path.join(root, kind)):
-            make_tree(root, kind, a.locations if kind != "seco" else a.locations)
+            make_tree(root, kind, a.locations, a.size)
     result = {"machine": f"{platform.processor() or platform.machine()}, "
                          f"{os.cpu_count()} cores (shared with other jobs)",
               "locations": a.locations, "baseline": a.baseline, "rates": {}}

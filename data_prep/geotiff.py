@@ -15,11 +15,11 @@ import re
 
 import numpy as np
 
-# Opening is most of a location's cost (52 small files for S2). Two GDAL settings make it
+# Opening is most of a location's cost (52 small files for S2). These GDAL settings make it
 # cheaper without changing a pixel: GDAL lists the folder on every open to find sidecar
 # files (.aux.xml, .ovr, .msk), which band 1's raw pixels never depend on; it resolves the
 # file's CRS against the EPSG database, which the converters never use (GEOKEYS reads the
-# GeoTIFF keys as stored). Both are GDAL configuration options (gdal.org, "Configuration
+# GeoTIFF keys as stored). They are GDAL configuration options (gdal.org, "Configuration
 # options"; GTiff driver); a value the user set in the environment wins.
 os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
 os.environ.setdefault("GTIFF_SRS_SOURCE", "GEOKEYS")
@@ -162,7 +162,11 @@ def read_season(folder: str, spec: Season, out: np.ndarray | None = None
     dtype = np.dtype(spec.dtype)
     sizes = [native_size(band, spec.size) for band in spec.bands]
     if storage.is_url(folder):  # bound by requests: fetch concurrently, open in threads
-        blobs = storage.read_many(paths)
+        try:
+            blobs = storage.read_many(paths)
+        except Exception as e:  # the storage library's own errors: one line naming it
+            raise storage.StorageError(f"{folder}: reading the band files failed "
+                                       f"({type(e).__name__}: {e})") from e
         arrays = list(_pool().map(_open_band, paths, blobs, sizes, [dtype] * len(paths),
                                   [spec.what] * len(paths)))
     else:  # bound by CPU: threads would add overhead, the worker processes use the cores

@@ -21,7 +21,6 @@ from helpers import snapshot
 from test_data_prep import _write_tif, make_ssl4eo_tree, read_all
 
 from data_prep import shards, ssl4eo_s12, synthetic, verify
-from data_prep.shards import BadInputError
 from softcon_jax import cli, data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

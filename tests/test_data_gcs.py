@@ -5,10 +5,9 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from helpers import bucket_snapshot, fake_gcs_bucket, snapshot
-from test_data_prep import _write_tif, make_ssl4eo_tree
+from helpers import bucket_snapshot, fake_gcs_bucket
+from test_data_prep import make_ssl4eo_tree
 
 from data_prep import shards, ssl4eo_s12, synthetic, verify
 from data_prep.shards import BadInputError
