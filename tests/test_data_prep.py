@@ -424,14 +424,3 @@ def test_missing_timestamp_folder_is_reported_despite_preview_files(tmp_path):
     with pytest.raises(BadInputError, match="expected 5 timestamp folders, found 4"):
         seco.convert(root, str(tmp_path / "out"), num_shards=1)
 
-
-def test_conversion_benchmark_smoke(tmp_path):
-    """benchmarks/conversion.py runs end to end (tiny trees; no timing asserted)."""
-    out = tmp_path / "conversion.json"
-    res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "conversion.py"),
-                          "--smoke", "--out", str(out)], capture_output=True, text=True,
-                         cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
-    assert res.returncode == 0, res.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert set(result["rates"]) == {"s2c", "s1", "seco"} and set(result["beam"]) == {
-        "local", "beam"}
