@@ -148,7 +148,8 @@ def per_location(pythonpath, kind, root, out, size):
     and in total (plus encoding and writing), min of 3 after a warm-up; no fixed costs."""
     env = dict(os.environ, PYTHONPATH=pythonpath)
     res = subprocess.run([sys.executable, "-c", PER_LOCATION.replace("SIZE", str(size)),
-                          kind, root, out], capture_output=True, text=True, env=env, cwd=REPO)
+                          kind, root, out], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(out))
     if res.returncode:
         raise RuntimeError(res.stderr[-3000:])
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -158,8 +159,11 @@ def convert(pythonpath, kind, root, out, workers=0, engine="local"):
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out + "_warmup", ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=pythonpath, TQDM_DISABLE="1")
+    # Not in the repository: with `python -c`, sys.path[0] is the working directory, which
+    # would shadow the baseline on PYTHONPATH.
     res = subprocess.run([sys.executable, "-c", CONVERT, kind, root, out, str(workers),
-                          engine], capture_output=True, text=True, env=env, cwd=REPO)
+                          engine], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(out))
     if res.returncode:
         raise RuntimeError(res.stderr[-3000:])
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -187,7 +191,8 @@ def stage_split(pythonpath, kind, root, out):
             f"num_workers=0)")
     code = f"import cProfile; from data_prep import ssl4eo_s12; cProfile.run({stmt!r}, {prof!r})"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                   env=dict(os.environ, PYTHONPATH=pythonpath, TQDM_DISABLE="1"), cwd=REPO)
+                   env=dict(os.environ, PYTHONPATH=pythonpath, TQDM_DISABLE="1"),
+                   cwd=os.path.dirname(out))
     import pstats
 
     stats = pstats.Stats(prof).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
