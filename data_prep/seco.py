@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
 
 import numpy as np
 
-from data_prep import geotiff, shards
+from data_prep import geotiff, options, shards, storage
 from data_prep.shards import BadInputError
 from softcon_jax import cli
 from softcon_jax.data.records import NUM_CLASSES
@@ -31,12 +30,14 @@ TIMESTEPS = 5
 def make_example(item: tuple, *, root: str, size: int, timesteps: int) -> dict:
     """Record of one location ``item = (location, timestamp folders)``."""
     location, stamps = item
-    loc_dir = os.path.join(root, location)
+    loc_dir = storage.join(root, location)
     if len(stamps) != timesteps:
         raise BadInputError(loc_dir, f"expected {timesteps} timestamp folders, found "
                                      f"{len(stamps)}: {stamps}")
-    image = np.stack([geotiff.read_season(os.path.join(loc_dir, s), BANDS, size, np.uint8)
-                      for s in stamps])
+    spec = geotiff.Season(tuple(BANDS), size, "uint8", "SeCo (uint8)")
+    image = np.empty((timesteps, len(BANDS), size, size), np.uint8)
+    for t, stamp in enumerate(stamps):
+        geotiff.read_season(storage.join(loc_dir, stamp), spec, image[t])
     return {"image": image, "labels": np.zeros((timesteps, NUM_CLASSES), np.uint8),
             "has_label": np.zeros(timesteps, bool), "seasons": list(stamps),
             "location": location}
@@ -44,30 +45,34 @@ def make_example(item: tuple, *, root: str, size: int, timesteps: int) -> dict:
 
 def convert(root: str, out: str, *, num_shards: int, image_size: int | None = None,
             timesteps: int = TIMESTEPS, num_workers: int = 0, resume: bool = False,
-            skip_bad: bool = False, compression: str = "uncompressed") -> dict:
-    """Converts the SeCo tree; returns the written metadata."""
-    if not os.path.isdir(root):
+            skip_bad: bool = False, compression: str = "uncompressed",
+            engine: str = "local", beam_args: tuple = ()) -> dict:
+    """Converts the SeCo tree (local or URL); returns the written metadata."""
+    root = storage.check(root, "--root")
+    storage.check(out, "--out")
+    if not storage.isdir(root):
         raise BadInputError(root, "SeCo root folder does not exist")
     # Timestamps in acquisition-date order (parsed from the product id), not name order.
-    tree = {loc: geotiff.list_dirs_by_date(os.path.join(root, loc))
-            for loc in geotiff.list_dirs(root)}
+    tree = geotiff.scan_locations(root)
     if not tree:
         raise BadInputError(root, "no location folders")
     if image_size is None:
         first = next(((loc, s) for loc, ss in tree.items() for s in ss), None)
         if first is None:
             raise BadInputError(root, "no timestamp folders under any location")
-        image_size = geotiff.infer_size(os.path.join(root, *first), BANDS)
+        image_size = geotiff.infer_size(storage.join(root, *first), BANDS)
     items = [(loc, tree[loc]) for loc in sorted(tree)]
     fn = functools.partial(make_example, root=root, size=image_size, timesteps=timesteps)
     metadata = {
         "dataset": "seco", "modality": "s2a", "bands": BANDS, "dtype": "uint8",
         "timesteps": timesteps, "image_size": image_size, "num_classes": NUM_CLASSES,
-        "has_labels": False, "source": os.path.abspath(root),
+        "has_labels": False,
+        "source": storage.abspath(root),
     }
     return shards.write_shards(out, items, fn, name="seco", num_shards=num_shards,
                                metadata=metadata, num_workers=num_workers, resume=resume,
-                               skip_bad=skip_bad, compression=compression, desc="seco")
+                               skip_bad=skip_bad, compression=compression, engine=engine,
+                               beam_args=beam_args, desc="seco")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,14 +82,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="10 m grid size in px (default: read from the first 10 m band)")
     p.add_argument("--timesteps", type=int, default=TIMESTEPS)
-    shards.add_common_args(p)
-    a = p.parse_args(argv)
+    options.add_common_args(p)
+    a = options.parse_args(p, argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         force=True)
     meta = convert(a.root, a.out, num_shards=a.num_shards, image_size=a.image_size,
                    timesteps=a.timesteps, num_workers=a.num_workers, resume=a.resume,
-                   skip_bad=a.skip_bad, compression=a.compression)
-    print(shards.summary(meta, a.out))
+                   skip_bad=a.skip_bad, compression=a.compression, engine=a.engine,
+                   beam_args=tuple(a.beam_args))
+    print(options.summary(meta, a.out))
 
 
 if __name__ == "__main__":

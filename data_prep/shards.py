@@ -17,24 +17,35 @@
   otherwise. Shards of an unfinished conversion (no ``metadata.json``) are replaced only
   with ``resume=True`` (``--resume``), which keeps those whose inputs are unchanged. Files
   of other names in the directory are never touched.
+- ``out_dir`` may be a URL (``gs://...``, ``data_prep.storage``): shards are written to a
+  local temporary folder and uploaded under a temporary name renamed when complete; the
+  rules above hold the same way.
+- A storage error (disk full, permission denied, a library's own error) is one
+  ``StorageError`` naming the path and what was written; the temporary file is removed,
+  finished shards stay. Workers (``data_prep.workers``) never publish after the converter.
+- ``metadata.json`` lists at most ``MAX_SKIPPED_LISTED`` skipped inputs; the full list is
+  the side file ``skipped.jsonl`` (one JSON object a line), named by ``skipped_file``.
+
+The module is a little over 400 lines long: planning, writing, resuming and finishing a
+conversion share one protocol (markers, fingerprints, temporary names) kept in one place.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
-import queue as queue_lib
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
+from data_prep import storage
+from data_prep.storage import StorageError
 from softcon_jax import cli
 from softcon_jax.data import records
 
@@ -43,6 +54,8 @@ log = logging.getLogger("data_prep")
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 MARKER_DIR = ".shards"
+SKIPPED_FILE = "skipped.jsonl"
+MAX_SKIPPED_LISTED = 100
 
 
 class BadInputError(cli.UserValueError):
@@ -68,29 +81,12 @@ def assign_shards(num_items: int, num_shards: int) -> list[range]:
     return [range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Writes JSON under a temporary name, then renames it into place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def read_metadata(directory: str) -> dict | None:
     """The dataset's metadata, or None when the dataset is absent/incomplete."""
-    path = os.path.join(directory, METADATA_FILE)
-    if not os.path.exists(path):
+    path = storage.join(directory, METADATA_FILE)
+    if not storage.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return storage.read_json(path)
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -99,7 +95,9 @@ def _fingerprint(*parts: Any) -> str:
 
 
 @dataclasses.dataclass
-class _Task:
+class Task:
+    """One shard to write: its items, in order, and where it goes."""
+
     out_dir: str
     filename: str
     items: list
@@ -109,27 +107,44 @@ class _Task:
     options: str = "group_size:1,uncompressed"
 
 
-_PROGRESS: Any = None  # queue in worker processes, tqdm callback in-process
+def write_shard(task: Task, progress: Callable[[int], None] = lambda n: None,
+                still_allowed: Callable[[], bool] = lambda: True) -> dict:
+    """Writes one shard atomically and its marker; returns the marker dict.
+
+    The shard is written to a temporary file (next to it for a local ``out_dir``, in a
+    local temporary folder for a URL) and published under its final name only when
+    complete and ``still_allowed()``. Every engine (local processes, Beam) runs this.
+    """
+    final = storage.join(task.out_dir, task.filename)
+    if storage.is_url(task.out_dir):
+        staging = tempfile.mkdtemp(prefix="softcon-shard-")
+        tmp = os.path.join(staging, task.filename)
+    else:
+        staging, tmp = None, storage.temp_name(final)
+    try:
+        marker = _write_records(task, tmp, final, progress)
+        storage.publish(tmp, final, f"shard {task.filename}", still_allowed)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+    storage.write_json_atomic(storage.join(task.out_dir, MARKER_DIR, task.filename + ".json"),
+                      marker, f"the marker of shard {task.filename}")
+    return marker
 
 
-def _init_worker(progress_queue: Any) -> None:
-    global _PROGRESS
-    _PROGRESS = progress_queue.put
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
-                        force=True)
-
-
-def _write_shard(task: _Task, progress: Callable[[int], None] | None = None) -> dict:
-    """Writes one shard atomically; returns its marker dict."""
+def _write_records(task: Task, tmp: str, final: str, progress) -> dict:
+    """Writes the task's locations to the local file ``tmp``; returns the marker dict."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    progress = progress or _PROGRESS or (lambda n: None)
-    final = os.path.join(task.out_dir, task.filename)
-    tmp = f"{final}.tmp-{os.getpid()}"
-    skipped = []
+    skipped, nonfinite = [], {}
     count = 0
     per_location = None  # records per location: 1 + T, the same for every location
-    writer = ArrayRecordWriter(tmp, task.options)
+    try:
+        writer = ArrayRecordWriter(tmp, task.options)
+    except Exception as e:
+        raise _storage_error(e, final, tmp) from e
     try:
         for item in task.items:
             try:
@@ -140,6 +155,9 @@ def _write_shard(task: _Task, progress: Callable[[int], None] | None = None) -> 
                 log.warning("skipping %s (%s)", e.path, e.reason)
                 skipped.append({"item": _jsonable(item), "path": e.path, "reason": e.reason})
             else:
+                filled = example.pop("num_nonfinite_filled", 0)
+                if filled:
+                    nonfinite[example["location"]] = int(filled)
                 parts = records.encode_location(example)
                 if per_location not in (None, len(parts)):
                     raise records.RecordError(
@@ -148,25 +166,39 @@ def _write_shard(task: _Task, progress: Callable[[int], None] | None = None) -> 
                         "of a dataset needs the same number of seasons")
                 per_location = len(parts)
                 for part in parts:
-                    writer.write(part)
+                    _checked_write(writer, part, final, tmp)
                 count += 1
             progress(1)
-        writer.close()
-        os.replace(tmp, final)
     except BaseException:
-        writer.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        try:
+            writer.close()
+        except Exception:  # already failed: the first error is the one to report
+            pass
         raise
-    marker = {
-        "fingerprint": task.fingerprint,
-        "num_records": count,
-        "records_per_location": per_location,
-        "skipped": skipped,
-        "filename": task.filename,
-    }
-    write_json_atomic(os.path.join(task.out_dir, MARKER_DIR, task.filename + ".json"), marker)
-    return marker
+    try:
+        writer.close()
+    except Exception as e:
+        raise _storage_error(e, final, tmp) from e
+    return {"fingerprint": task.fingerprint, "num_records": count,
+            "records_per_location": per_location, "skipped": skipped,
+            "nonfinite_filled": nonfinite, "filename": task.filename}
+
+
+def _checked_write(writer, part: bytes, final: str, tmp: str) -> None:
+    try:
+        writer.write(part)
+    except Exception as e:
+        raise _storage_error(e, final, tmp) from e
+    if not writer.ok():
+        raise _storage_error(RuntimeError("the ArrayRecord writer failed"), final, tmp)
+
+
+def _storage_error(e: BaseException, final: str, tmp: str) -> StorageError:
+    reason = (e.strerror if isinstance(e, OSError) and e.strerror
+              else f"{type(e).__name__}: {e}")
+    return StorageError(f"{final}: writing the shard failed ({reason}; temporary file "
+                        f"{tmp}); finished shards are unchanged, the temporary file is "
+                        f"removed. Free space or fix permissions, then rerun with --resume")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -174,15 +206,15 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def check_out_dir(out_dir: str, tasks: Sequence[_Task], base: str, *,
+def check_out_dir(out_dir: str, tasks: Sequence[Task], base: str, *,
                   resume: bool) -> dict | None:
     """Refuses to write where this run would replace data it did not write.
 
     Returns the existing metadata when ``out_dir`` already holds exactly the dataset of
     ``tasks`` (then nothing needs writing), None when writing may go ahead.
     """
-    meta_path = os.path.join(out_dir, METADATA_FILE)
-    if os.path.exists(meta_path):
+    meta_path = storage.join(out_dir, METADATA_FILE)
+    if storage.exists(meta_path):
         try:
             meta = read_metadata(out_dir)
         except (OSError, json.JSONDecodeError) as e:
@@ -203,8 +235,9 @@ def check_out_dir(out_dir: str, tasks: Sequence[_Task], base: str, *,
             f"command would write (other inputs, parameters or shard count); existing "
             f"datasets are never replaced. Choose another output directory (--out), or "
             f"delete {out_dir} yourself if you no longer need it.")
-    if not resume and os.path.isdir(out_dir):
-        present = [t.filename for t in tasks if os.path.exists(os.path.join(out_dir, t.filename))]
+    if not resume:
+        names = set(storage.listdir(out_dir))
+        present = [t.filename for t in tasks if t.filename in names]
         if present:
             more = f" and {len(present) - 3} more" if len(present) > 3 else ""
             raise cli.UserValueError(
@@ -215,26 +248,47 @@ def check_out_dir(out_dir: str, tasks: Sequence[_Task], base: str, *,
     return None
 
 
-def _remove_own_leftovers(out_dir: str, tasks: Sequence[_Task]) -> None:
+def remove_own_leftovers(out_dir: str, filenames: Sequence[str]) -> None:
     """Removes temporary files of an interrupted run of this dataset (its names only)."""
-    prefixes = (tuple(f"{t.filename}.tmp-" for t in tasks)
-                + tuple(f"{t.filename}.json.tmp-" for t in tasks) + (f"{METADATA_FILE}.tmp-",))
-    for directory in (out_dir, os.path.join(out_dir, MARKER_DIR)):
-        for f in os.listdir(directory):
+    prefixes = (tuple(f"{f}.tmp-" for f in filenames)
+                + tuple(f"{f}.json.tmp-" for f in filenames) + (f"{METADATA_FILE}.tmp-",))
+    for directory in (out_dir, storage.join(out_dir, MARKER_DIR)):
+        for f in storage.listdir(directory):
             if f.startswith(prefixes):
-                os.remove(os.path.join(directory, f))
+                storage.remove(storage.join(directory, f))
 
 
-def _finished_marker(out_dir: str, task: _Task) -> dict | None:
-    path = os.path.join(out_dir, MARKER_DIR, task.filename + ".json")
-    if not (os.path.exists(path) and os.path.exists(os.path.join(out_dir, task.filename))):
+def _finished_marker(out_dir: str, task: Task) -> dict | None:
+    path = storage.join(out_dir, MARKER_DIR, task.filename + ".json")
+    if not (storage.exists(path) and storage.exists(storage.join(out_dir, task.filename))):
         return None
     try:
-        with open(path) as f:
-            marker = json.load(f)
+        marker = storage.read_json(path)
     except (OSError, json.JSONDecodeError):
         return None
     return marker if marker.get("fingerprint") == task.fingerprint else None
+
+
+def plan(out_dir: str, items: Sequence[Any], make_example: Callable[[Any], dict], *,
+         name: str, num_shards: int, metadata: dict, skip_bad: bool = False,
+         compression: str = "uncompressed") -> tuple[list[Task], str]:
+    """(one Task per shard, the dataset fingerprint) of a conversion."""
+    items = list(items)
+    if num_shards < 1:
+        raise cli.UserValueError(f"--num-shards must be >= 1, got {num_shards}")
+    if num_shards > len(items):
+        raise cli.UserValueError(f"--num-shards {num_shards} is more than the {len(items)} "
+                                 f"locations found")
+    options = f"group_size:1,{compression}"
+    base = _fingerprint(FORMAT_VERSION, records.SCHEMA_VERSION, name, num_shards, metadata,
+                        options)
+    tasks = []
+    for i, idx in enumerate(assign_shards(len(items), num_shards)):
+        shard_items = [items[j] for j in idx]
+        tasks.append(Task(out_dir, shard_filename(name, i, num_shards), shard_items,
+                          make_example, skip_bad,
+                          _fingerprint(base, [repr(x) for x in shard_items]), options))
+    return tasks, base
 
 
 def write_shards(
@@ -251,6 +305,8 @@ def write_shards(
     pre_skipped: Sequence[dict] = (),
     compression: str = "uncompressed",
     desc: str = "records",
+    engine: str = "local",
+    beam_args: Sequence[str] = (),
 ) -> dict:
     """Writes ``make_example(item)`` for every item into ArrayRecord shards.
 
@@ -258,39 +314,30 @@ def write_shards(
     is written as 1 + T records, record schema 3; every location needs the same T) or raises
     ``BadInputError``; with ``skip_bad`` that item is logged, skipped and
     listed in the metadata (``num_skipped``, ``skipped``), otherwise the error
-    propagates and no metadata is written. With ``num_workers > 0`` it must be
-    picklable (a module-level function or ``functools.partial`` of one).
+    propagates and no metadata is written. With ``num_workers > 0`` or the Beam engine it
+    must be picklable (a module-level function or ``functools.partial`` of one). It may add
+    ``num_nonfinite_filled`` (pixels it replaced), summed per location in the metadata.
     ``compression`` is an ArrayRecord option (``uncompressed``, ``zstd:3``,
     ``snappy``...): uncompressed reads about 3x faster, zstd saves ~30 % disk.
     Records are always written with ``group_size:1`` (fast random access).
     ``pre_skipped`` lists inputs the caller already skipped (same dict form:
     item, path, reason) so the summary counts them too. ``metadata`` (dataset,
     modality, bands, dtype, timesteps, image_size, ...) is merged into the
-    written ``metadata.json``, which is returned.
+    written ``metadata.json``, which is returned. ``engine``: ``local`` (``num_workers``
+    processes) or ``beam`` (an Apache Beam pipeline with the options ``beam_args``; see
+    ``data_prep.beam_engine``); both run ``write_shard`` once per shard, so their output
+    is byte-identical.
     """
-    items = list(items)
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    if num_shards > len(items):
-        raise ValueError(f"num_shards={num_shards} is more than the {len(items)} locations found")
-    meta_path = os.path.join(out_dir, METADATA_FILE)
-    options = f"group_size:1,{compression}"
-    base = _fingerprint(FORMAT_VERSION, records.SCHEMA_VERSION, name, num_shards, metadata,
-                        options)
-    tasks = []
-    for i, idx in enumerate(assign_shards(len(items), num_shards)):
-        shard_items = [items[j] for j in idx]
-        tasks.append(
-            _Task(out_dir, shard_filename(name, i, num_shards), shard_items, make_example,
-                  skip_bad, _fingerprint(base, [repr(x) for x in shard_items]), options)
-        )
+    out_dir = storage.check(out_dir, "--out")
+    tasks, base = plan(out_dir, items, make_example, name=name, num_shards=num_shards,
+                       metadata=metadata, skip_bad=skip_bad, compression=compression)
     existing = check_out_dir(out_dir, tasks, base, resume=resume)
     if existing is not None:
         log.info("%s already holds this dataset (%d records); nothing rewritten", out_dir,
                  existing["num_records"])
         return existing
-    os.makedirs(os.path.join(out_dir, MARKER_DIR), exist_ok=True)
-    _remove_own_leftovers(out_dir, tasks)
+    storage.makedirs(storage.join(out_dir, MARKER_DIR))
+    remove_own_leftovers(out_dir, [t.filename for t in tasks])
 
     markers: dict[str, dict] = {}
     todo = []
@@ -303,90 +350,67 @@ def write_shards(
     if resume and markers:
         log.info("resume: %d of %d shards already complete", len(markers), len(tasks))
 
-    total = sum(len(t.items) for t in todo)
-    with tqdm(total=total, desc=desc, unit="rec", disable=total == 0) as bar:
-        if num_workers <= 0:
-            for task in todo:
-                markers[task.filename] = _write_shard(task, bar.update)
-        else:
-            ctx = mp.get_context("spawn")  # safe even if the parent has threads (jax, tqdm)
-            progress_queue = ctx.Queue()
-            with cf.ProcessPoolExecutor(
-                max_workers=min(num_workers, max(len(todo), 1)), mp_context=ctx,
-                initializer=_init_worker, initargs=(progress_queue,),
-            ) as pool:
-                futures = {pool.submit(_write_shard, t): t for t in todo}
-                pending = set(futures)
-                try:
-                    while pending:
-                        done, pending = cf.wait(pending, timeout=0.2,
-                                                return_when=cf.FIRST_COMPLETED)
-                        _drain(progress_queue, bar)
-                        for fut in done:
-                            markers[futures[fut].filename] = fut.result()
-                except BaseException:
-                    for fut in pending:
-                        fut.cancel()
-                    raise
-                _drain(progress_queue, bar)
+    if engine == "beam":
+        from data_prep import beam_engine
 
-    ordered = [markers[t.filename] for t in tasks]
+        beam_engine.run(todo, beam_args, desc)
+        for task in todo:
+            marker = _finished_marker(out_dir, task)
+            if marker is None:
+                raise StorageError(f"{storage.join(out_dir, task.filename)}: the Beam "
+                                   f"pipeline finished without writing this shard")
+            markers[task.filename] = marker
+    elif engine == "local":
+        from data_prep import workers
+
+        try:
+            markers.update(workers.run(todo, num_workers, desc))
+        finally:  # what workers stopped mid-shard left behind
+            remove_own_leftovers(out_dir, [t.filename for t in tasks])
+    else:
+        raise cli.UserValueError(f"--engine {engine!r}: expected 'local' or 'beam'")
+    return _finish(out_dir, [markers[t.filename] for t in tasks], tasks, metadata,
+                   pre_skipped, base=base, options=tasks[0].options)
+
+
+def _finish(out_dir: str, ordered: list[dict], tasks: list[Task], metadata: dict,
+            pre_skipped: Sequence[dict], *, base: str, options: str) -> dict:
+    """Writes the skipped list and ``metadata.json`` (last); returns the metadata."""
     per_location = {m.get("records_per_location") for m in ordered} - {None}
     if len(per_location) > 1:
         raise records.RecordError(
             f"{out_dir}: the shards hold {sorted(k - 1 for k in per_location)} seasons per "
             "location; every location of a dataset needs the same number")
     skipped = [_jsonable(s) for s in pre_skipped] + [s for m in ordered for s in m["skipped"]]
+    nonfinite = {loc: n for m in ordered for loc, n in m.get("nonfinite_filled", {}).items()}
     meta = dict(metadata)
+    if skipped:
+        text = "".join(json.dumps(s, sort_keys=True) + "\n" for s in skipped)
+        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as fh:
+            fh.write(text)
+        try:
+            storage.publish(fh.name, storage.join(out_dir, SKIPPED_FILE), "the skipped list")
+        finally:
+            if os.path.exists(fh.name):
+                os.remove(fh.name)
+    if "nonfinite" in meta:
+        meta["nonfinite"] = dict(meta["nonfinite"], num_pixels=sum(nonfinite.values()),
+                                 num_locations=len(nonfinite))
     meta.update(
         format_version=FORMAT_VERSION,
         record_schema_version=records.SCHEMA_VERSION,
         num_records=sum(m["num_records"] for m in ordered),  # locations
         records_per_location=per_location.pop() if per_location else 1,
-        num_shards=num_shards,
+        num_shards=len(tasks),
         array_record_options=options,
         shards=[t.filename for t in tasks],
         shard_num_records=[m["num_records"] for m in ordered],
         num_skipped=len(skipped),
-        skipped=skipped,
+        skipped=skipped[:MAX_SKIPPED_LISTED],
+        skipped_file=SKIPPED_FILE if skipped else None,
         fingerprint=base,
     )
-    write_json_atomic(meta_path, meta)
+    storage.write_json_atomic(storage.join(out_dir, METADATA_FILE), meta, METADATA_FILE)
     log.info("wrote %d records in %d shards to %s (%d skipped)",
-             meta["num_records"], num_shards, out_dir, len(skipped))
+             meta["num_records"], len(tasks), out_dir, len(skipped))
     return meta
-
-
-def summary(meta: dict, out_dir: str) -> str:
-    """One-paragraph human summary of a written dataset."""
-    lines = [f"{meta['num_records']} records in {meta['num_shards']} shards at {out_dir}; "
-             f"{meta['num_skipped']} inputs skipped"]
-    lines += [f"  skipped {s['path']}: {s['reason']}" for s in meta["skipped"]]
-    return "\n".join(lines)
-
-
-def _drain(progress_queue: Any, bar: tqdm) -> None:
-    n = 0
-    while True:
-        try:
-            n += progress_queue.get_nowait()
-        except queue_lib.Empty:
-            break
-    if n:
-        bar.update(n)
-
-
-def add_common_args(parser: Any) -> None:
-    """Adds --out, --num-shards, --num-workers, --resume, --skip-bad."""
-    parser.add_argument("--out", required=True, help="output directory for shards + metadata.json")
-    parser.add_argument("--num-shards", type=int, default=16, help="number of ArrayRecord shards")
-    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="writer processes (0 = write in this process)")
-    parser.add_argument("--compression", default="uncompressed",
-                        help="ArrayRecord compression: uncompressed (fastest reads), zstd:3 "
-                             "(~30%% smaller), snappy, brotli:N")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep shards that a previous run with the same inputs finished")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="log and skip unusable locations (counted in metadata.json) "
-                             "instead of stopping with an error")

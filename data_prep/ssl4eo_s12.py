@@ -23,7 +23,7 @@ import pickle
 
 import numpy as np
 
-from data_prep import geotiff, shards
+from data_prep import geotiff, options, shards, storage
 from data_prep.shards import BadInputError
 from softcon_jax import cli
 from softcon_jax.data.records import NUM_CLASSES
@@ -44,15 +44,14 @@ LMDB_WARNING = (
 )
 
 
-# ----------------------------------------------------------------------------- labels
-
 def load_labels(path: str) -> dict[str, dict[str, list[str]]]:
-    """The SSL4EO-S12-ML label file, checked for structure."""
-    with open(path) as f:
-        try:
-            labels = json.load(f)
-        except json.JSONDecodeError as e:
-            raise BadInputError(path, f"not valid JSON ({e})") from None
+    """The SSL4EO-S12-ML label file (local or URL), checked for structure."""
+    try:
+        labels = json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        raise BadInputError(path, "label file does not exist") from None
+    except json.JSONDecodeError as e:
+        raise BadInputError(path, f"not valid JSON ({e})") from None
     if not isinstance(labels, dict) or not all(isinstance(v, dict) for v in labels.values()):
         raise BadInputError(path, "expected {location: {season: [class, ...]}}")
     return labels
@@ -115,10 +114,10 @@ def check_label_entries(labels: dict, tree: dict[str, list[str]], labels_path: s
         for season in sorted(labels[loc]):
             if loc not in tree:
                 reason = (f"label entry {loc}/{season} names an unknown location "
-                          f"(no folder {os.path.join(loc_root, loc)})")
+                          f"(no folder {storage.join(loc_root, loc)})")
             elif season not in tree[loc]:
                 reason = (f"label entry {loc}/{season} names an unknown season "
-                          f"(no folder {os.path.join(loc_root, loc, season)})")
+                          f"(no folder {storage.join(loc_root, loc, season)})")
             else:
                 usable.setdefault(loc, {})[season] = labels[loc][season]
                 continue
@@ -176,16 +175,17 @@ def multi_hot(entry: list, where: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- GeoTIFF tree
 
-def make_example(item: tuple, *, loc_root: str, bands: list[str], size: int, dtype: str,
-                 timesteps: int, labels_path: str) -> dict:
+def make_example(item: tuple, *, loc_root: str, spec: geotiff.Season, timesteps: int,
+                 labels_path: str) -> dict:
     """Record of one location ``item = (location, seasons, labels or None)``."""
     location, seasons, loc_labels = item
-    loc_dir = os.path.join(loc_root, location)
+    loc_dir = storage.join(loc_root, location)
     if len(seasons) != timesteps:
         raise BadInputError(loc_dir, f"expected {timesteps} season folders, found "
                                      f"{len(seasons)}: {seasons}")
-    image = np.stack([geotiff.read_season(os.path.join(loc_dir, s), bands, size, np.dtype(dtype))
-                      for s in seasons])
+    image = np.empty((timesteps, len(spec.bands), spec.size, spec.size), spec.dtype)
+    filled = sum(geotiff.read_season(storage.join(loc_dir, s), spec, image[t])[1]
+                 for t, s in enumerate(seasons))
     labels = np.zeros((timesteps, NUM_CLASSES), np.uint8)
     has_label = np.zeros(timesteps, bool)
     for t, s in enumerate(seasons):
@@ -194,7 +194,8 @@ def make_example(item: tuple, *, loc_root: str, bands: list[str], size: int, dty
             labels[t] = multi_hot(entry, f"{labels_path} [{location}][{s}]")
             has_label[t] = True
     return {"image": image, "labels": labels, "has_label": has_label,
-            "seasons": list(seasons), "location": location}
+            "seasons": list(seasons), "location": location,
+            "num_nonfinite_filled": filled}
 
 
 def scan_tree(loc_root: str) -> dict[str, list[str]]:
@@ -204,24 +205,28 @@ def scan_tree(loc_root: str) -> dict[str, list[str]]:
     id, ``geotiff.acquisition_key``), not folder-name order, which for S1 puts S1A
     products before S1B ones whatever their dates.
     """
-    if not os.path.isdir(loc_root):
+    if not storage.isdir(loc_root):
         raise BadInputError(loc_root, "modality folder does not exist")
-    return {loc: geotiff.list_dirs_by_date(os.path.join(loc_root, loc))
-            for loc in geotiff.list_dirs(loc_root)}
+    return geotiff.scan_locations(loc_root)
 
 
 def convert_tree(root: str, modality: str, out: str, *, num_shards: int, labels: str | None = None,
                  match_labels: str = "name", image_size: int | None = None,
                  num_workers: int = 0, resume: bool = False, skip_bad: bool = False,
-                 compression: str = "uncompressed") -> dict:
-    """Converts the GeoTIFF tree; returns the written metadata.
+                 compression: str = "uncompressed", fill_value: float | None = None,
+                 engine: str = "local", beam_args: tuple = ()) -> dict:
+    """Converts the GeoTIFF tree (local or URL); returns the written metadata.
 
     ``match_labels``: 'name' (label season keys are folder names) or 'order'
     (k-th labelled season by date -> k-th folder by date, see
-    ``match_labels_by_order``).
+    ``match_labels_by_order``). ``fill_value``: replace non-finite pixels (S1) by it
+    instead of refusing the location (recorded in the metadata as ``nonfinite``).
     """
     bands = BANDS[modality]
-    loc_root = os.path.join(root, modality)
+    root = storage.check(root, "--root")
+    labels = storage.check(labels, "--labels") if labels else labels
+    storage.check(out, "--out")
+    loc_root = storage.join(root, modality)
     tree = scan_tree(loc_root)
     if not tree:
         raise BadInputError(loc_root, "no location folders")
@@ -240,24 +245,28 @@ def convert_tree(root: str, modality: str, out: str, *, num_shards: int, labels:
         first = next(((loc, s) for loc, ss in tree.items() for s in ss), None)
         if first is None:
             raise BadInputError(loc_root, "no season folders under any location")
-        image_size = geotiff.infer_size(os.path.join(loc_root, *first), bands)
+        image_size = geotiff.infer_size(storage.join(loc_root, *first), bands)
     items = [(loc, tree[loc], label_map.get(loc)) for loc in sorted(tree)]
-    fn = functools.partial(make_example, loc_root=loc_root, bands=bands, size=image_size,
-                           dtype=DTYPE[modality], timesteps=TIMESTEPS,
+    spec = geotiff.Season(tuple(bands), image_size, DTYPE[modality],
+                          f"{modality} ({DTYPE[modality]})", fill_value)
+    fn = functools.partial(make_example, loc_root=loc_root, spec=spec, timesteps=TIMESTEPS,
                            labels_path=labels or "")
     metadata = {
         "dataset": "ssl4eo_s12", "modality": modality, "bands": bands,
         "dtype": DTYPE[modality], "timesteps": TIMESTEPS, "image_size": image_size,
         "num_classes": NUM_CLASSES, "has_labels": bool(labels),
-        "source": os.path.abspath(loc_root),
-        "labels_file": os.path.abspath(labels) if labels else None,
+        "source": storage.abspath(loc_root),
+        "labels_file": storage.abspath(labels) if labels else None,
         "labels_matched_by": match_labels if labels else None,
     }
+    if fill_value is not None:
+        metadata["nonfinite"] = {"policy": "fill", "fill_value": fill_value}
     return shards.write_shards(out, items, fn, name=f"ssl4eo_s12_{modality}",
                                num_shards=num_shards, metadata=metadata,
                                num_workers=num_workers, resume=resume, skip_bad=skip_bad,
-                               compression=compression,
+                               compression=compression, engine=engine, beam_args=beam_args,
                                pre_skipped=label_skips, desc=f"ssl4eo_s12 {modality}")
+
 
 
 # ----------------------------------------------------------------------------- LMDB
@@ -363,13 +372,16 @@ def main(argv: list[str] | None = None) -> None:
                    help="10 m grid size in px (default: read from the first 10 m band)")
     p.add_argument("--lmdb-dtype", default=None,
                    help="array dtype in the LMDB (default uint16 for S2, float32 for S1)")
-    shards.add_common_args(p)
-    a = p.parse_args(argv)
+    options.add_common_args(p)
+    options.add_nonfinite_args(p)
+    a = options.parse_args(p, argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         force=True)
     if a.lmdb and a.labels:
         p.error("--labels can only be joined with --root (the LMDB form has no season names)")
     if a.lmdb:
+        if a.engine != "local" or storage.is_url(a.lmdb):
+            p.error("--lmdb reads a local LMDB with the local engine only")
         meta = convert_lmdb(a.lmdb, a.modality, a.out, num_shards=a.num_shards,
                             dtype=a.lmdb_dtype, num_workers=a.num_workers,
                             resume=a.resume, skip_bad=a.skip_bad, compression=a.compression)
@@ -378,8 +390,10 @@ def main(argv: list[str] | None = None) -> None:
                             labels=a.labels, match_labels=a.match_labels,
                             image_size=a.image_size,
                             num_workers=a.num_workers, resume=a.resume,
-                            skip_bad=a.skip_bad, compression=a.compression)
-    print(shards.summary(meta, a.out))
+                            skip_bad=a.skip_bad, compression=a.compression,
+                            fill_value=options.fill_value(p, a), engine=a.engine,
+                            beam_args=tuple(a.beam_args))
+    print(options.summary(meta, a.out))
 
 
 if __name__ == "__main__":

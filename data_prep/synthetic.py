@@ -27,12 +27,11 @@ import argparse
 import functools
 import inspect
 import logging
-import os
 import re
 
 import numpy as np
 
-from data_prep import shards
+from data_prep import shards, storage
 from softcon_jax import cli
 
 NUM_CLASSES = 9
@@ -267,12 +266,13 @@ def _check_target(out_dir: str, params: dict, num_shards: int, name: str,
     Raises when ``out_dir`` holds anything but this synthetic dataset or the leftovers of
     an interrupted synthetic write (shards named ``<name>-*``, their markers, temporaries).
     """
-    if not os.path.isdir(out_dir):
-        if os.path.exists(out_dir):
+    out_dir = storage.check(out_dir, key or "--out")
+    if not storage.isdir(out_dir):
+        if storage.exists(out_dir):
             raise _refuse(out_dir, "exists and is not a directory", key)
         return None, False
-    meta_path = os.path.join(out_dir, shards.METADATA_FILE)
-    if os.path.exists(meta_path):
+    meta_path = storage.join(out_dir, shards.METADATA_FILE)
+    if storage.exists(meta_path):
         try:
             meta = shards.read_metadata(out_dir)
         except (OSError, ValueError) as e:
@@ -293,7 +293,7 @@ def _check_target(out_dir: str, params: dict, num_shards: int, name: str,
             raise _refuse(out_dir, f"already holds a synthetic dataset with other parameters "
                                    f"({detail})", key)
         missing = [f for f in meta.get("shards", [])
-                   if not os.path.exists(os.path.join(out_dir, f))]
+                   if not storage.exists(storage.join(out_dir, f))]
         if missing or meta.get("format_version") != shards.FORMAT_VERSION:
             why = (f"shard {missing[0]} listed in {meta_path} is missing" if missing else
                    f"format_version {meta.get('format_version')} in {meta_path} is not "
@@ -302,14 +302,14 @@ def _check_target(out_dir: str, params: dict, num_shards: int, name: str,
         return meta, False
     own = re.compile(rf"^{re.escape(name)}-\d{{5}}-of-\d{{5}}\.array_record(\.tmp-\d+)?$"
                      rf"|^{re.escape(shards.METADATA_FILE)}\.tmp-\d+$")
-    entries = sorted(os.listdir(out_dir))
+    entries = storage.listdir(out_dir)
     foreign = [f for f in entries if f != shards.MARKER_DIR and not own.match(f)]
     if shards.MARKER_DIR in entries:
-        marker_dir = os.path.join(out_dir, shards.MARKER_DIR)
+        marker_dir = storage.join(out_dir, shards.MARKER_DIR)
         marker = re.compile(rf"^{re.escape(name)}-\d{{5}}-of-\d{{5}}\.array_record"
                             rf"\.json(\.tmp-\d+)?$")
-        foreign += [os.path.join(shards.MARKER_DIR, f) for f in sorted(os.listdir(marker_dir))
-                    if not marker.match(f)] if os.path.isdir(marker_dir) else [shards.MARKER_DIR]
+        foreign += [storage.join(shards.MARKER_DIR, f) for f in storage.listdir(marker_dir)
+                    if not marker.match(f)] if storage.isdir(marker_dir) else [shards.MARKER_DIR]
     if foreign:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         raise _refuse(out_dir, f"is not empty and holds no synthetic dataset (found "

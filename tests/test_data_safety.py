@@ -340,3 +340,23 @@ def test_a_copy_of_the_quickstart_config_never_overwrites_a_dataset(user_dataset
     with pytest.raises(cli.UserValueError, match="--config.data.synthetic.enabled=False"):
         train.train(config, str(tmp_path / "run"))
     assert snapshot(user_dataset) == before
+
+
+def test_a_long_skip_list_is_capped_in_metadata_and_complete_in_a_side_file(tmp_path):
+    def bad_odd(i):
+        if i % 2:
+            raise shards.BadInputError(f"/src/{i}", "broken")
+        return _example(i)
+
+    out = str(tmp_path / "out")
+    n = 2 * (shards.MAX_SKIPPED_LISTED + 5)
+    meta = shards.write_shards(out, range(n), bad_odd, name="t", num_shards=2,
+                               metadata={"dataset": "t"}, skip_bad=True)
+    assert meta["num_skipped"] == n // 2 and meta["num_records"] == n // 2
+    assert len(meta["skipped"]) == shards.MAX_SKIPPED_LISTED
+    with open(os.path.join(out, meta["skipped_file"])) as f:
+        listed = [json.loads(line) for line in f]
+    assert [s["path"] for s in listed] == [f"/src/{i}" for i in range(1, n, 2)]
+    assert meta["skipped"] == listed[:shards.MAX_SKIPPED_LISTED]
+    from data_prep import options
+    assert f"... 5 more in {out}/skipped.jsonl" in options.summary(meta, out)

@@ -128,7 +128,35 @@ def load_metadata(path: str) -> tuple[dict, str]:
     if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
         raise cli.UserValueError(f"{meta_path} has no 'shards' list; it is not the metadata "
                                  f"of a converted dataset (python -m data_prep.*)")
+    check_shard_names(meta["shards"], str(meta_path))
     return meta, str(meta_path)
+
+
+def shard_name_problem(entry) -> str | None:
+    """Why ``entry`` of a metadata ``shards`` list is not a plain file name (None if it is).
+
+    Shards live in the dataset folder itself: a path (``../x``, ``/abs/x``, ``sub/x``,
+    ``gs://b/x``) would read data outside the folder the user named.
+    """
+    if not isinstance(entry, str):
+        return f"a {type(entry).__name__}, not a file name"
+    if entry in ("", ".", ".."):
+        return "not a file name"
+    if "/" in entry or "\\" in entry:
+        return "a path; shard names must be plain file names inside the dataset folder"
+    if "\x00" in entry:
+        return "contains a NUL character"
+    return None
+
+
+def check_shard_names(names: list, meta_path: str) -> None:
+    """Refuses a ``shards`` list entry that is not a plain file name, naming it."""
+    for entry in names:
+        problem = shard_name_problem(entry)
+        if problem is not None:
+            raise cli.UserValueError(
+                f"{meta_path}: shard entry {entry!r} is {problem}; nothing outside the "
+                f"dataset folder is read. Fix the entry or reconvert the dataset")
 
 
 def open_dataset(path: str) -> Dataset:
