@@ -23,9 +23,10 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import softcon as softcon_config  # noqa: E402
-from data_prep import synthetic  # noqa: E402
-from softcon_jax import data, methods, optim, sharding, state as state_lib  # noqa: E402
+from softcon_jax import data, methods, optim, sharding  # noqa: E402
+from softcon_jax import state as state_lib
 from softcon_jax import step as step_lib  # noqa: E402
+from softcon_jax.data import synthetic  # noqa: E402
 
 # Dense bf16 peak FLOP/s per chip: Google Cloud TPU v5e / v4 system architecture pages
 # (197 and 275 TFLOP/s), NVIDIA H100 SXM datasheet (989 TFLOP/s dense bf16 Tensor Core).

@@ -38,9 +38,12 @@ from scipy import ndimage
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_prep import synthetic  # noqa: E402
 from softcon_jax import data  # noqa: E402
-from softcon_jax.data import normalize, records  # noqa: E402
+from softcon_jax.data import (  # noqa: E402
+    normalize,
+    records,
+    synthetic,  # noqa: E402
+)
 
 
 def _cfg(path: str, size: int, channels: int, workers: int, dtype: str, augment_on: str):

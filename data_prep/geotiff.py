@@ -26,9 +26,9 @@ os.environ.setdefault("GTIFF_SRS_SOURCE", "GEOKEYS")
 os.environ.setdefault("GDAL_PAM_ENABLED", "NO")  # no .aux.xml lookups either
 import rasterio  # noqa: E402  (after the GDAL setting above)
 
-from data_prep import storage  # noqa: E402
-from data_prep.shards import BadInputError  # noqa: E402
+from softcon_jax.data import storage  # noqa: E402
 from softcon_jax.data.augment import resize_bilinear
+from softcon_jax.data.shards import BadInputError  # noqa: E402
 
 READ_THREADS = 8  # concurrent band reads per process from a bucket (object requests)
 

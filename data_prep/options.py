@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from data_prep import storage
+from softcon_jax.data import storage
 
 
 def summary(meta: dict, out_dir: str) -> str:

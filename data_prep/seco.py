@@ -18,10 +18,11 @@ import logging
 
 import numpy as np
 
-from data_prep import geotiff, options, shards, storage
-from data_prep.shards import BadInputError
+from data_prep import geotiff, options
 from softcon_jax import cli
+from softcon_jax.data import shards, storage
 from softcon_jax.data.records import NUM_CLASSES
+from softcon_jax.data.shards import BadInputError
 
 BANDS = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12"]
 TIMESTEPS = 5

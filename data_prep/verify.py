@@ -12,7 +12,7 @@ name inside DIR (``../x``, an absolute path) is an error naming it; nothing outs
 read. Non-finite pixels are counted per location (BAD lines), and the pixels a conversion
 replaced (``--nonfinite fill``, recorded in the metadata) are reported.
 
-DIR may be a URL (``gs://bucket/path``; see ``data_prep.storage``): each shard is then
+DIR may be a URL (``gs://bucket/path``; see ``softcon_jax.data.storage``): each shard is then
 downloaded to a temporary file, checked and deleted.
 """
 
@@ -28,9 +28,8 @@ from collections import Counter
 import numpy as np
 from tqdm import tqdm
 
-from data_prep import shards, storage
 from softcon_jax import cli
-from softcon_jax.data import records, source
+from softcon_jax.data import records, shards, source, storage
 
 
 def check_record(ex: dict, meta: dict) -> list[str]:

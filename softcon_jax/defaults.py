@@ -92,7 +92,7 @@ def online_eval() -> ml_collections.ConfigDict:
 def synthetic(*, enabled: bool = True, modality: str = "s2c", num_locations: int = 64,
               num_shards: int = 2, image_size: int = 20, timesteps: int = 4,
               seed: int = 0) -> ml_collections.ConfigDict:
-    """`config.data.synthetic`: `enabled` plus `data_prep.synthetic.write_dataset` arguments.
+    """`config.data.synthetic`: `enabled` plus `softcon_jax.data.synthetic.write_dataset` arguments.
 
     modality: 's2c' (13 bands, uint16), 's2a' (12, uint16), 's1' (2, float32 dB) or 'seco'
     (12 bands, uint8 reflectance x 255, as SeCo's GeoTIFFs).

@@ -131,8 +131,8 @@ def _batch_spec(config, method, stored_image_size: int | None):
     """
     import tempfile
 
-    from data_prep import synthetic
     from softcon_jax import data
+    from softcon_jax.data import synthetic
 
     dtype = data.input_dtype(config)
     if (config.data.get("augment_on") or "host") == "host":

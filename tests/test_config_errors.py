@@ -6,13 +6,13 @@ import subprocess
 import sys
 import time
 
+import helpers
 import jax
 import pytest
 
-import helpers
 from configs import quickstart
-from data_prep import synthetic
 from softcon_jax import data, logs, sharding, train
+from softcon_jax.data import synthetic
 from softcon_jax.signals import StopSignals
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

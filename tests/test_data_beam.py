@@ -9,7 +9,8 @@ import pytest
 from helpers import fake_gcs_bucket
 from test_data_prep import _break, make_ssl4eo_tree
 
-from data_prep import shards, ssl4eo_s12
+from data_prep import ssl4eo_s12
+from softcon_jax.data import shards
 
 pytest.importorskip("apache_beam")  # the test extra installs it; CI runs this file
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

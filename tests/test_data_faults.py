@@ -18,8 +18,10 @@ import pytest
 from helpers import small_tmpfs, snapshot
 from test_data_prep import _write_tif, make_ssl4eo_tree, read_all
 
-from data_prep import shards, ssl4eo_s12, synthetic, verify
+from data_prep import ssl4eo_s12, verify
+from data_prep import synthetic as synthetic_cli
 from softcon_jax import cli, data
+from softcon_jax.data import shards, synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO)
@@ -189,7 +191,7 @@ def test_a_full_disk_is_one_error_line_and_keeps_finished_shards(tmp_path):
         assert not [n for n in os.listdir(out) if ".tmp-" in n]
     # With room, --resume finishes; the shards finished before are byte-identical.
     local = str(tmp_path / "syn")
-    synthetic.main(["--out", local, "--num-locations", "8", "--num-shards", "4",
+    synthetic_cli.main(["--out", local, "--num-locations", "8", "--num-shards", "4",
                     "--image-size", "64"])
     for n, data_ in kept.items():
         assert open(os.path.join(local, n), "rb").read() == data_

@@ -9,9 +9,10 @@ import pytest
 from helpers import bucket_snapshot, fake_gcs_bucket
 from test_data_prep import make_ssl4eo_tree
 
-from data_prep import shards, ssl4eo_s12, synthetic, verify
-from data_prep.shards import BadInputError
+from data_prep import ssl4eo_s12, verify
 from softcon_jax import cli
+from softcon_jax.data import shards, synthetic
+from softcon_jax.data.shards import BadInputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "test-bucket"

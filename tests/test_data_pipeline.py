@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from data_prep import shards, synthetic
-from softcon_jax.methods.softcon import SoftConViews
 from softcon_jax import data
-from softcon_jax.data import augment, normalize, records
+from softcon_jax.data import augment, normalize, records, shards, synthetic
+from softcon_jax.methods.softcon import SoftConViews
 
 S2C_MEAN = np.array([1605.58, 1390.78, 1314.87, 1363.52, 1549.44, 2091.75, 2371.72, 2299.90,
                      2560.30, 830.07, 22.10, 2177.07, 1524.07])
@@ -159,8 +158,9 @@ def test_seco_views_follow_the_timestamp_scheme(tmp_path):
 
 def _as_one_record_per_location(src: str, out: str) -> str:
     """A copy of dataset `src` in the older layout: one record (schema 2) per location."""
-    from array_record.python.array_record_module import ArrayRecordWriter
     import json
+
+    from array_record.python.array_record_module import ArrayRecordWriter
 
     opened = data.open_dataset(src)
     os.makedirs(out)
@@ -239,6 +239,7 @@ def test_worker_processes_give_the_same_batches(syn_dir):
 
 def test_host_batch_to_global_builds_sharded_batch(syn_dir):
     import jax
+
     from softcon_jax import sharding
 
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1})

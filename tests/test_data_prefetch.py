@@ -7,9 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from data_prep import synthetic
 from softcon_jax import data, sharding
-from softcon_jax.data import DevicePrefetcher
+from softcon_jax.data import DevicePrefetcher, synthetic
 
 
 @pytest.fixture(scope="module")

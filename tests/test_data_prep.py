@@ -14,10 +14,10 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 from rasterio.transform import Affine
 from scipy import ndimage
 
-from data_prep import seco, shards, ssl4eo_s12, synthetic, verify
-from data_prep.shards import BadInputError
+from data_prep import seco, ssl4eo_s12, verify
 from softcon_jax import data
-from softcon_jax.data import records
+from softcon_jax.data import records, shards, synthetic
+from softcon_jax.data.shards import BadInputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES = {"B1": 60, "B2": 10, "B3": 10, "B4": 10, "B5": 20, "B6": 20, "B7": 20, "B8": 10,

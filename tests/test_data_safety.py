@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from helpers import snapshot
 
-from data_prep import shards, ssl4eo_s12, synthetic, verify
+from data_prep import ssl4eo_s12, verify
 from softcon_jax import cli
-from softcon_jax.data import records
+from softcon_jax.data import records, shards, synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYN = dict(num_locations=6, num_shards=2, image_size=8)

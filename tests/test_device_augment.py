@@ -4,9 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from data_prep import synthetic
 from softcon_jax import data
-from softcon_jax.data import augment, device_augment, normalize, views
+from softcon_jax.data import augment, device_augment, normalize, synthetic, views
 
 ON = {"jitter_prob": 1.0, "grayscale_prob": 0.5, "blur_prob": (1.0, 0.5), "hflip_prob": 0.5}
 OFF = {"jitter_prob": 0.0, "grayscale_prob": 0.0, "blur_prob": (0.0,), "hflip_prob": 0.0}

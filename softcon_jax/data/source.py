@@ -212,10 +212,10 @@ def _shard_count_diff(paths: list[str], counts: list[int], k: int) -> str:
 def ensure_synthetic_data(data_config, key="config.data.synthetic"):
     """Writes the built-in synthetic dataset first when the config asks for one.
 
-    `config.data.synthetic` (`enabled` plus `data_prep.synthetic.write_dataset` arguments)
+    `config.data.synthetic` (`enabled` plus `softcon_jax.data.synthetic.write_dataset` arguments)
     makes the quickstart and the `runlocal` configs self-contained; turn it off with
     `--config.data.synthetic.enabled=False`. It never overwrites other data (see
-    `data_prep.synthetic.ensure_synthetic_dataset`).
+    `softcon_jax.data.synthetic.ensure_synthetic_dataset`).
     """
-    from data_prep import synthetic  # the converters are not needed otherwise
+    from softcon_jax.data import synthetic  # the writer is not needed otherwise
     synthetic.ensure_synthetic_dataset(data_config.path, data_config.get("synthetic"), key=key)

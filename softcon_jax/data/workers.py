@@ -1,7 +1,7 @@
 """The local engine: shards written by a pool of worker processes that die with their parent.
 
-``run`` writes each task with ``shards.write_shard`` in ``num_workers`` spawned processes
-(0 = in this process) and shows one progress bar. Workers never outlive the converter:
+``run`` writes each task with ``write`` (``shards.write_shard``) in ``num_workers`` spawned
+processes (0 = in this process) and shows one progress bar. Workers never outlive the converter:
 
 - On Linux each worker asks the kernel to kill it when its parent dies
   (``prctl(PR_SET_PDEATHSIG, SIGKILL)``), so ``kill -9`` or SIGTERM of the converter takes
@@ -24,12 +24,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tqdm import tqdm
-
-from data_prep import shards
 
 _PROGRESS: Any = None   # the progress queue's put, in worker processes
 _PARENT: int | None = None  # the converter's pid, in worker processes
@@ -67,18 +65,20 @@ def _init_worker(progress_queue: Any, parent: int) -> None:
                         force=True)
 
 
-def _write_in_worker(task: shards.Task) -> dict:
-    return shards.write_shard(task, _PROGRESS, _parent_alive)
+def _write_in_worker(write: Callable[..., dict], task: Any) -> dict:
+    return write(task, _PROGRESS, _parent_alive)
 
 
-def run(todo: Sequence[shards.Task], num_workers: int, desc: str) -> dict[str, dict]:
-    """{shard filename: marker} after writing every task of ``todo``."""
+def run(todo: Sequence[Any], num_workers: int, desc: str,
+        write: Callable[..., dict]) -> dict[str, dict]:
+    """{shard filename: marker} after writing every task of ``todo`` (``shards.Task``) with
+    ``write(task, progress, still_allowed)`` (``shards.write_shard``)."""
     markers = {}
     total = sum(len(t.items) for t in todo)
     with tqdm(total=total, desc=desc, unit="rec", disable=total == 0) as bar:
         if num_workers <= 0 or not todo:
             for task in todo:
-                markers[task.filename] = shards.write_shard(task, bar.update)
+                markers[task.filename] = write(task, bar.update)
             return markers
         if threading.current_thread() is threading.main_thread():
             # SIGTERM stops the workers and removes their temporary files, as Ctrl-C does.
@@ -86,7 +86,7 @@ def run(todo: Sequence[shards.Task], num_workers: int, desc: str) -> dict[str, d
         else:
             previous = None
         try:
-            _run_pool(todo, num_workers, bar, markers)
+            _run_pool(todo, num_workers, bar, markers, write)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
@@ -97,14 +97,14 @@ def _terminated(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def _run_pool(todo, num_workers: int, bar: tqdm, markers: dict) -> None:
+def _run_pool(todo, num_workers: int, bar: tqdm, markers: dict, write) -> None:
     ctx = mp.get_context("spawn")  # safe even if the parent has threads (jax, tqdm)
     progress_queue = ctx.Queue()
     pool = cf.ProcessPoolExecutor(
         max_workers=min(num_workers, len(todo)), mp_context=ctx,
         initializer=_init_worker, initargs=(progress_queue, os.getpid()))
     try:
-        futures = {pool.submit(_write_in_worker, t): t for t in todo}
+        futures = {pool.submit(_write_in_worker, write, t): t for t in todo}
         pending = set(futures)
         while pending:
             done, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)

@@ -1,9 +1,9 @@
 """The Beam engine: the same shards written by an Apache Beam pipeline (``--engine beam``).
 
 One Beam element per shard (``shards.Task``: its locations in order), each written by
-``shards.write_shard``, exactly what the local engine runs: the output is byte-identical,
-a location's 1 + T records stay together in one shard, bad inputs are counted the same
-way, and every shard is uploaded under a temporary name and renamed when complete. There
+``shards.write_shard`` (passed in as ``write``), exactly what the local engine runs: the
+output is byte-identical, a location's 1 + T records stay together in one shard, bad inputs
+are counted the same way, and every shard is uploaded under a temporary name and renamed when complete. There
 is no shuffle of the data: only the small task list is redistributed (``Reshuffle``) so
 that a runner spreads the shards over its workers. The launcher plans the tasks (resume
 keeps the finished shards), runs the pipeline, then writes ``metadata.json`` itself, last.
@@ -17,19 +17,21 @@ storage every worker reaches (``gs://``); the workers need this package and rast
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from data_prep import shards
 from softcon_jax import cli
 
 
-def _write(task: shards.Task) -> str:
-    shards.write_shard(task)
+def _write(task: Any, write: Callable[[Any], dict]) -> str:
+    write(task)
     return task.filename
 
 
-def run(todo: Sequence[shards.Task], beam_args: Sequence[str], desc: str) -> None:
-    """Writes every task of ``todo`` with a Beam pipeline; returns when it has finished."""
+def run(todo: Sequence[Any], beam_args: Sequence[str], desc: str,
+        write: Callable[[Any], dict]) -> None:
+    """Writes every task of ``todo`` (``shards.Task``) with ``write`` (``shards.write_shard``)
+    in a Beam pipeline; returns when it has finished."""
     try:
         import apache_beam as beam
         from apache_beam.options.pipeline_options import PipelineOptions
@@ -43,4 +45,4 @@ def run(todo: Sequence[shards.Task], beam_args: Sequence[str], desc: str) -> Non
         _ = (pipeline
              | "Shards" >> beam.Create(list(todo))
              | "Spread" >> beam.Reshuffle()
-             | f"Write {desc}" >> beam.Map(_write))
+             | f"Write {desc}" >> beam.Map(_write, write))

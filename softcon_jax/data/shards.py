@@ -17,12 +17,12 @@
   otherwise. Shards of an unfinished conversion (no ``metadata.json``) are replaced only
   with ``resume=True`` (``--resume``), which keeps those whose inputs are unchanged. Files
   of other names in the directory are never touched.
-- ``out_dir`` may be a URL (``gs://...``, ``data_prep.storage``): shards are written to a
+- ``out_dir`` may be a URL (``gs://...``, ``softcon_jax.data.storage``): shards are written to a
   local temporary folder and uploaded under a temporary name renamed when complete; the
   rules above hold the same way.
 - A storage error (disk full, permission denied, a library's own error) is one
   ``StorageError`` naming the path and what was written; the temporary file is removed,
-  finished shards stay. Workers (``data_prep.workers``) never publish after the converter.
+  finished shards stay. Workers (``softcon_jax.data.workers``) never publish after the converter.
 - ``metadata.json`` lists at most ``MAX_SKIPPED_LISTED`` skipped inputs; the full list is
   the side file ``skipped.jsonl`` (one JSON object a line), named by ``skipped_file``.
 
@@ -44,10 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from data_prep import storage
-from data_prep.storage import StorageError
 from softcon_jax import cli
-from softcon_jax.data import records
+from softcon_jax.data import records, storage
+from softcon_jax.data.storage import StorageError
 
 log = logging.getLogger("data_prep")
 
@@ -325,7 +324,7 @@ def write_shards(
     modality, bands, dtype, timesteps, image_size, ...) is merged into the
     written ``metadata.json``, which is returned. ``engine``: ``local`` (``num_workers``
     processes) or ``beam`` (an Apache Beam pipeline with the options ``beam_args``; see
-    ``data_prep.beam_engine``); both run ``write_shard`` once per shard, so their output
+    ``softcon_jax.data.beam_engine``); both run ``write_shard`` once per shard, so their output
     is byte-identical.
     """
     out_dir = storage.check(out_dir, "--out")
@@ -351,9 +350,9 @@ def write_shards(
         log.info("resume: %d of %d shards already complete", len(markers), len(tasks))
 
     if engine == "beam":
-        from data_prep import beam_engine
+        from softcon_jax.data import beam_engine
 
-        beam_engine.run(todo, beam_args, desc)
+        beam_engine.run(todo, beam_args, desc, write_shard)
         for task in todo:
             marker = _finished_marker(out_dir, task)
             if marker is None:
@@ -361,10 +360,10 @@ def write_shards(
                                    f"pipeline finished without writing this shard")
             markers[task.filename] = marker
     elif engine == "local":
-        from data_prep import workers
+        from softcon_jax.data import workers
 
         try:
-            markers.update(workers.run(todo, num_workers, desc))
+            markers.update(workers.run(todo, num_workers, desc, write_shard))
         finally:  # what workers stopped mid-shard left behind
             remove_own_leftovers(out_dir, [t.filename for t in tasks])
     else:
