@@ -133,12 +133,13 @@ def interpolation_matrix(start, length, n_in: int, n_out: int) -> jax.Array:
     ``jax.image.scale_and_translate``). Each row holds the two weights ``1 - f`` and ``f``
     of its neighbours (one weight 1 at the last pixel). ``start``, ``length`` may be traced.
     """
+    # Exact in integers: source = ((2 i + 1) length - n_out) / (2 n_out), so the neighbour
+    # index and the fraction carry no float32 rounding (float32 sources lose ~1e-6 at 264).
     length = jnp.asarray(length, jnp.int32)
-    src = (jnp.arange(n_out, dtype=jnp.float32) + 0.5) * (length.astype(jnp.float32) / n_out)
-    src = jnp.maximum(src - 0.5, 0.0)
-    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), length - 1)
+    num = jnp.maximum((2 * jnp.arange(n_out, dtype=jnp.int32) + 1) * length - n_out, 0)
+    i0 = jnp.minimum(num // (2 * n_out), length - 1)
     i1 = jnp.minimum(i0 + 1, length - 1)
-    f = (src - i0.astype(jnp.float32))[:, None]
+    f = ((num - i0 * (2 * n_out)).astype(jnp.float32) / np.float32(2 * n_out))[:, None]
     pos = jnp.arange(n_in, dtype=jnp.int32)[None, :]
     return (jnp.where(pos == (start + i0)[:, None], 1.0 - f, 0.0)
             + jnp.where(pos == (start + i1)[:, None], f, 0.0))
@@ -169,8 +170,11 @@ def _rgb_to_hsv(x):
     c = v - jnp.minimum(jnp.minimum(r, g), b)
     s = jnp.where(v > 0, c / jnp.where(v > 0, v, 1.0), 0.0)
     sc = jnp.where(c > 0, c, 1.0)
-    h = jnp.where(v == r, (g - b) / sc, jnp.where(v == g, 2.0 + (b - r) / sc,
-                                                  4.0 + (r - g) / sc))
+    # The sector from comparisons between the channels, as ``v == r`` on the host: XLA may
+    # compute a fused channel twice (once contracted into an FMA), so ``v == r`` can fail
+    # for the channel that is the maximum; the hue is continuous at ties either way.
+    h = jnp.where((r >= g) & (r >= b), (g - b) / sc,
+                  jnp.where(g >= b, 2.0 + (b - r) / sc, 4.0 + (r - g) / sc))
     h = jnp.where(c > 0, jnp.mod(h / 6.0, 1.0), 0.0)
     return h, s, v
 
