@@ -5,12 +5,21 @@ per-sample ``np.random.Generator``, the same order as the host path) and ``pack`
 draw into fixed-shape arrays; the raw season image travels in its stored dtype. ``view``
 then applies, for one sample, in ``jax.numpy``, exactly what ``augment.apply_view`` applies
 on the host: the normaliser's unit stage (per-image quantile clip, uint8 quantisation), the
-random resized crop as a bilinear gather in torch's ``align_corners=False`` coordinates,
-colour jitter (its order a ``lax.switch`` when random), grayscale, the Gaussian blur (the
-kernel is computed on the host, as SciPy's, and applied separably with reflect borders),
-the flip and the final standardisation. Equal to the host views to float32 rounding
-(``tests/test_device_augment.py``). Static choices (which ops are on, crop-first or
-augment-first) come from ``AugmentParams``, so a disabled op costs nothing.
+random resized crop, colour jitter (its order a ``lax.switch`` when random), grayscale, the
+Gaussian blur (the kernel is computed on the host, as SciPy's, and applied separably with
+reflect borders), the flip and the final standardisation. Equal to the host views to
+float32 rounding (``tests/test_device_augment.py``, ``tests/test_device_crop.py``). Static
+choices (which ops are on, crop-first or augment-first) come from ``AugmentParams``, so a
+disabled op costs nothing.
+
+Written for a TPU's cost model: no gathers, scatters or dynamic slices (XLA:TPU charges a
+gather several times the bytes it moves). The crop and the bilinear resize are two float32
+matmuls with interpolation matrices built from the traced box (rows, then columns;
+``precision=HIGHEST``, else the MXU rounds the image to bfloat16); the flip reverses the
+column matrix instead of the image; the image stays channels-first (C, H, W) until the end,
+so 13 bands never sit in the 128-lane minor dimension. For SoftCon's ViT-S/14 step on a
+v5e slice this cut XLA's bytes accessed for the views from ~41 to ~6 GiB per chip and step
+(BENCHMARKS.md, "Device augmentation in the compiled pod step").
 """
 
 from __future__ import annotations
