@@ -204,13 +204,13 @@ def tables(results: dict) -> str:
             rows.append(f"| {name} | | not compiled: {(h or d or {}).get('status', 'missing')}"
                         " | | | |")
             continue
-        t = [r["flops_per_device"] / 1e12 for r in (h, d)]
-        g = [r["hbm_bytes_accessed"] / 2**30 for r in (h, d)]
-        s = [r["roofline_step_s"] * 1e3 for r in (h, d)]
-        rows.append(f"| {name} | {d['per_device_batch']} | {t[0]:.2f} -> {t[1]:.2f} | "
-                    f"{g[0]:.1f} -> {g[1]:.1f} | {s[0]:.1f} -> {s[1]:.1f} | "
-                    f"{(g[1] / g[0] - 1) * 100:+.1f} % / {(t[1] / t[0] - 1) * 100:+.1f} % / "
-                    f"{(s[1] / s[0] - 1) * 100:+.1f} % |")
+        cols = {"flops_per_device": (1e-12, ".2f"), "hbm_bytes_accessed": (2.0**-30, ".1f"),
+                "roofline_step_s": (1e3, ".1f")}
+        cells = [f"{h[k] * u:{fmt}} -> {d[k] * u:{fmt}}" for k, (u, fmt) in cols.items()]
+        added = [f"{(d[k] / h[k] - 1) * 100:+.1f} %"
+                 for k in ("hbm_bytes_accessed", "flops_per_device", "roofline_step_s")]
+        rows.append(f"| {name} | {d['per_device_batch']} | {' | '.join(cells)} | "
+                    f"{' / '.join(added)} |")
     rows += ["", "| model | views alone: GFLOP/chip baseline -> new | GiB accessed/chip "
              "baseline -> new | gathers / dynamic slices / sorts / pads, baseline -> new |",
              "|---|---:|---:|---|"]
@@ -233,7 +233,7 @@ def tables(results: dict) -> str:
     return "\n".join(rows)
 
 
-def main(argv=None):
+def _parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default="device_views_plans.json")
     p.add_argument("--slice", default="v5litepod-4")
@@ -245,7 +245,11 @@ def main(argv=None):
     p.add_argument("--cpu-batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--timeout", type=int, default=1500, help="Seconds per step compile.")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = _parse(argv)
     results = json.load(open(a.json)) if os.path.exists(a.json) else {}
     parts, models = a.parts.split(","), a.models.split(",")
     todo = []
