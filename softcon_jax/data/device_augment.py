@@ -154,15 +154,30 @@ def interpolation_matrix(start, length, n_in: int, n_out: int) -> jax.Array:
             + jnp.where(pos == (start + i1)[:, None], f, 0.0))
 
 
+def blur_matrix(kernel: jax.Array, radius: int, n: int) -> jax.Array:
+    """(n, n) ``B`` with ``B @ v`` = ``v`` correlated with ``kernel`` (2 radius + 1 taps)
+    with SciPy's 'reflect' borders (``d c b a | a b c d | d c b a``)."""
+    i = np.arange(n)[:, None] + np.arange(-radius, radius + 1)[None]
+    i = np.where(i < 0, -i - 1, np.where(i >= n, 2 * n - 1 - i, i))  # (n, taps), static
+    pos = np.arange(n)
+    return sum(jnp.where(pos[None] == i[:, k:k + 1], kernel[k], 0.0)
+               for k in range(2 * radius + 1))
+
+
 def crop_resize(x: jax.Array, crop: jax.Array, size: int, mirror=None,
-                mirror_input: bool = False) -> jax.Array:
+                mirror_input: bool = False, blur=None) -> jax.Array:
     """``resize_bilinear(x[:, top:top + h, left:left + w], (size, size))`` of a (C, H, W)
     image for a traced ``crop`` (top, left, h, w): two matmuls with interpolation matrices
     (rows, then columns), no gather. ``mirror`` (traced bool) flips the columns of the
     result, or with ``mirror_input`` those of ``x`` before the crop, at no cost: the column
-    matrix reversed along its output or input axis."""
+    matrix reversed along its output or input axis. ``blur`` (kernel, radius) blurs ``x``
+    before the crop (``_blur``) inside the same two matmuls: both are linear and separable,
+    so the interpolation matrices times the blur matrices do both."""
     my = interpolation_matrix(crop[0], crop[2], x.shape[1], size)
     mx = interpolation_matrix(crop[1], crop[3], x.shape[2], size)
+    if blur is not None:
+        my = jnp.matmul(my, blur_matrix(*blur, x.shape[1]), precision=_HIGHEST)
+        mx = jnp.matmul(mx, blur_matrix(*blur, x.shape[2]), precision=_HIGHEST)
     if mirror is not None:
         mx = jnp.where(mirror, mx[:, ::-1] if mirror_input else mx[::-1], mx)
     rows = jnp.einsum("sh,chw->csw", my, x, precision=_HIGHEST)
@@ -253,8 +268,9 @@ def _blur(x, kernel, radius: int):
 
 
 def _augment(x, d, params: augment.AugmentParams, blur_prob: float, value_range):
-    """Jitter, grayscale and blur of (C, H, W); the flip is the crop's (``crop_resize``):
-    it commutes with all three (per-pixel ops, global means, a symmetric kernel)."""
+    """Jitter, grayscale and blur (none when ``blur_prob`` is 0) of (C, H, W); the flip is
+    the crop's (``crop_resize``): it commutes with all three (per-pixel ops, global means, a
+    symmetric kernel)."""
     if params.jitter_prob > 0:
         x = jnp.where(d["flags"][0] > 0, _jitter(x, d, params, value_range), x)
     if params.grayscale_prob > 0:
@@ -274,8 +290,10 @@ def view(img: jax.Array, d: dict, *, size: int, normalizer, params: augment.Augm
     value_range = normalizer.unit_range
     mirror = d["flags"][2] > 0 if params.hflip_prob > 0 and not crop_only else None
     if params.augment_before_crop and not crop_only:
-        x = crop_resize(_augment(x, d, params, blur_prob, value_range), d["crop"], size,
-                        mirror, mirror_input=True)
+        # The whole-image blur rides in the crop's matmuls.
+        blur = (d["blur"], blur_radius(params)) if blur_prob > 0 else None
+        x = crop_resize(_augment(x, d, params, 0.0, value_range), d["crop"], size,
+                        mirror, mirror_input=True, blur=blur)
     else:
         x = crop_resize(x, d["crop"], size, mirror)
         if not crop_only:
