@@ -36,6 +36,15 @@ from ml_collections import config_flags
 from softcon_jax import cli, gpu_targets, overrides
 
 EXIT_DOES_NOT_FIT = 3
+# What the roofline's bytes are (seen with libtpu 0.0.42 on small programs: a matmul, take,
+# elementwise ops); printed under every report.
+BYTES_ACCESSED_NOTE = (
+    "note: HBM traffic is XLA's cost-analysis 'bytes accessed', an estimate from the compiled "
+    "program, not a measurement: it counts padded tiles (a 13-wide minor dimension as 128 "
+    "lanes), charges gathers several times the data they move, counts staging an operand "
+    "into on-chip memory as extra reads and copies, and counts a loop body once whatever its "
+    "trip count. Compare it between variants of one step; a TPU profile gives the real "
+    "time.")
 
 # Per-chip specs. Sources, the Cloud TPU system-architecture pages:
 #   v4:  https://cloud.google.com/tpu/docs/v4   (275 TFLOP/s bf16, 32 GiB HBM2, 1200 GB/s;
@@ -373,6 +382,7 @@ def main(argv):
     if not report["fits"]:
         report.update(shortfall_gib=round(shortfall_gib(report), 2), knobs=knobs(f.config))
     print(format_report(report))
+    print(BYTES_ACCESSED_NOTE)
     if f.json:
         with open(f.json, "w") as out:
             json.dump(report, out, indent=1)

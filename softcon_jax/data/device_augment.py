@@ -5,12 +5,21 @@ per-sample ``np.random.Generator``, the same order as the host path) and ``pack`
 draw into fixed-shape arrays; the raw season image travels in its stored dtype. ``view``
 then applies, for one sample, in ``jax.numpy``, exactly what ``augment.apply_view`` applies
 on the host: the normaliser's unit stage (per-image quantile clip, uint8 quantisation), the
-random resized crop as a bilinear gather in torch's ``align_corners=False`` coordinates,
-colour jitter (its order a ``lax.switch`` when random), grayscale, the Gaussian blur (the
-kernel is computed on the host, as SciPy's, and applied separably with reflect borders),
-the flip and the final standardisation. Equal to the host views to float32 rounding
-(``tests/test_device_augment.py``). Static choices (which ops are on, crop-first or
-augment-first) come from ``AugmentParams``, so a disabled op costs nothing.
+random resized crop, colour jitter (its order a ``lax.switch`` when random), grayscale, the
+Gaussian blur (the kernel is computed on the host, as SciPy's, and applied separably with
+reflect borders), the flip and the final standardisation. Equal to the host views to
+float32 rounding (``tests/test_device_augment.py``, ``tests/test_device_crop.py``). Static
+choices (which ops are on, crop-first or augment-first) come from ``AugmentParams``, so a
+disabled op costs nothing.
+
+Written for a TPU's cost model: no gathers, scatters or dynamic slices (XLA:TPU charges a
+gather several times the bytes it moves). The crop and the bilinear resize are two float32
+matmuls with interpolation matrices built from the traced box (rows, then columns;
+``precision=HIGHEST``, else the MXU rounds the image to bfloat16); the flip reverses the
+column matrix instead of the image; the image stays channels-first (C, H, W) until the end,
+so 13 bands never sit in the 128-lane minor dimension. For SoftCon's ViT-S/14 step on a
+v5e slice this cut XLA's bytes accessed for the views from ~41 to ~6 GiB per chip and step
+(BENCHMARKS.md, "Device augmentation in the compiled pod step").
 """
 
 from __future__ import annotations
@@ -97,51 +106,99 @@ def quantize_thresholds(normalizer) -> np.ndarray:
     return t.astype(np.float32)
 
 
-# --- one sample, channels-last float32 (H, W, C) ----------------------------------------
+# --- one sample, channels-first float32 (C, H, W) ----------------------------------------
+# Channels-first keeps the long image axes in the TPU's (8, 128) tiles; a 13-band array with
+# the bands last pads 13 -> 128 lanes (~10x the bytes). The view turns channels-last at the
+# very end, as the model takes it.
+
+_HIGHEST = jax.lax.Precision.HIGHEST  # float32 matmuls on the MXU (bf16 passes otherwise)
+
 
 def _unit(img: jax.Array, normalizer, thresholds) -> jax.Array:
-    """``Normalizer.unit`` of a raw (C, H, W) image, returned channels-last."""
-    x = jnp.transpose(img, (1, 2, 0)).astype(jnp.float32)
+    """``Normalizer.unit`` of a raw (C, H, W) image, float32, still (C, H, W)."""
+    x = img.astype(jnp.float32)
     if normalizer.image_quantiles is not None:  # per-image, per-band clip (S1)
-        q = jnp.percentile(jnp.reshape(x, (-1, x.shape[-1])),
-                           jnp.asarray(normalizer.image_quantiles, jnp.float32), axis=0)
-        x = jnp.clip(x, q[0], q[1])
+        q = jnp.percentile(jnp.reshape(x, (x.shape[0], -1)),
+                           jnp.asarray(normalizer.image_quantiles, jnp.float32), axis=1)
+        x = jnp.clip(x, q[0][:, None, None], q[1][:, None, None])
     if normalizer.quantize:
-        level = jnp.sum(x[..., None] >= jnp.asarray(thresholds), axis=-1, dtype=jnp.int32)
+        level = jnp.sum(x[..., None] >= jnp.asarray(thresholds)[:, None, None],
+                        axis=-1, dtype=jnp.int32)
         return level.astype(jnp.float32) / jnp.float32(255.0)
-    x = x * jnp.asarray(normalizer.a) + jnp.asarray(normalizer.b)
+    x = x * _per_band(normalizer.a) + _per_band(normalizer.b)
     return jnp.clip(x, 0.0, 1.0) if normalizer.clip else x
 
 
-def _coords(start, n_in, n_out: int):
-    src = (jnp.arange(n_out, dtype=jnp.float32) + 0.5) * (n_in.astype(jnp.float32) / n_out)
-    src = jnp.maximum(src - 0.5, 0.0)
-    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), n_in - 1)
-    return start + i0, start + jnp.minimum(i0 + 1, n_in - 1), src - i0.astype(jnp.float32)
+def _per_band(v) -> jax.Array:
+    """A per-band vector (or scalar) broadcast against (C, H, W)."""
+    v = jnp.asarray(v, jnp.float32)
+    return v[:, None, None] if v.ndim else v
 
 
-def crop_resize(x: jax.Array, crop: jax.Array, size: int) -> jax.Array:
-    """``resize_bilinear(x[top:top + h, left:left + w], (size, size))`` for a traced crop."""
-    y0, y1, wy = _coords(crop[0], crop[2], size)
-    x0, x1, wx = _coords(crop[1], crop[3], size)
-    rows = jnp.take(x, y0, axis=0)
-    rows = rows + (jnp.take(x, y1, axis=0) - rows) * wy[:, None, None]
-    out = jnp.take(rows, x0, axis=1)
-    return out + (jnp.take(rows, x1, axis=1) - out) * wx[None, :, None]
+def interpolation_matrix(start, length, n_in: int, n_out: int) -> jax.Array:
+    """(n_out, n_in) float32 ``M`` with ``M @ v`` = ``v[start:start + length]`` resized to
+    ``n_out`` samples, bilinear in torch's ``align_corners=False`` coordinates (source
+    ``(i + 0.5) * length / n_out - 0.5`` clamped at 0, as ``augment.resize_bilinear`` and
+    ``jax.image.scale_and_translate``). Each row holds the two weights ``1 - f`` and ``f``
+    of its neighbours (one weight 1 at the last pixel). ``start``, ``length`` may be traced.
+    """
+    # Exact in integers: source = ((2 i + 1) length - n_out) / (2 n_out), so the neighbour
+    # index and the fraction carry no float32 rounding (float32 sources lose ~1e-6 at 264).
+    length = jnp.asarray(length, jnp.int32)
+    num = jnp.maximum((2 * jnp.arange(n_out, dtype=jnp.int32) + 1) * length - n_out, 0)
+    i0 = jnp.minimum(num // (2 * n_out), length - 1)
+    i1 = jnp.minimum(i0 + 1, length - 1)
+    f = ((num - i0 * (2 * n_out)).astype(jnp.float32) / np.float32(2 * n_out))[:, None]
+    pos = jnp.arange(n_in, dtype=jnp.int32)[None, :]
+    return (jnp.where(pos == (start + i0)[:, None], 1.0 - f, 0.0)
+            + jnp.where(pos == (start + i1)[:, None], f, 0.0))
+
+
+def blur_matrix(kernel: jax.Array, radius: int, n: int) -> jax.Array:
+    """(n, n) ``B`` with ``B @ v`` = ``v`` correlated with ``kernel`` (2 radius + 1 taps)
+    with SciPy's 'reflect' borders (``d c b a | a b c d | d c b a``)."""
+    i = np.arange(n)[:, None] + np.arange(-radius, radius + 1)[None]
+    i = np.where(i < 0, -i - 1, np.where(i >= n, 2 * n - 1 - i, i))  # (n, taps), static
+    pos = np.arange(n)
+    return sum(jnp.where(pos[None] == i[:, k:k + 1], kernel[k], 0.0)
+               for k in range(2 * radius + 1))
+
+
+def crop_resize(x: jax.Array, crop: jax.Array, size: int, mirror=None,
+                mirror_input: bool = False, blur=None) -> jax.Array:
+    """``resize_bilinear(x[:, top:top + h, left:left + w], (size, size))`` of a (C, H, W)
+    image for a traced ``crop`` (top, left, h, w): two matmuls with interpolation matrices
+    (rows, then columns), no gather. ``mirror`` (traced bool) flips the columns of the
+    result, or with ``mirror_input`` those of ``x`` before the crop, at no cost: the column
+    matrix reversed along its output or input axis. ``blur`` (kernel, radius) blurs ``x``
+    before the crop (``_blur``) inside the same two matmuls: both are linear and separable,
+    so the interpolation matrices times the blur matrices do both."""
+    my = interpolation_matrix(crop[0], crop[2], x.shape[1], size)
+    mx = interpolation_matrix(crop[1], crop[3], x.shape[2], size)
+    if blur is not None:
+        my = jnp.matmul(my, blur_matrix(*blur, x.shape[1]), precision=_HIGHEST)
+        mx = jnp.matmul(mx, blur_matrix(*blur, x.shape[2]), precision=_HIGHEST)
+    if mirror is not None:
+        mx = jnp.where(mirror, mx[:, ::-1] if mirror_input else mx[::-1], mx)
+    rows = jnp.einsum("sh,chw->csw", my, x, precision=_HIGHEST)
+    return jnp.einsum("csw,tw->cst", rows, mx, precision=_HIGHEST)
 
 
 def _luminance(x, w):
-    return x[..., 0:1] * w[0] + x[..., 1:2] * w[1] + x[..., 2:3] * w[2]
+    return x[0:1] * w[0] + x[1:2] * w[1] + x[2:3] * w[2]
 
 
 def _rgb_to_hsv(x):
-    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    r, g, b = x[0], x[1], x[2]
     v = jnp.maximum(jnp.maximum(r, g), b)
     c = v - jnp.minimum(jnp.minimum(r, g), b)
     s = jnp.where(v > 0, c / jnp.where(v > 0, v, 1.0), 0.0)
     sc = jnp.where(c > 0, c, 1.0)
-    h = jnp.where(v == r, (g - b) / sc, jnp.where(v == g, 2.0 + (b - r) / sc,
-                                                  4.0 + (r - g) / sc))
+    # The sector from comparisons between the channels, as ``v == r`` on the host: XLA may
+    # compute a fused channel twice (once contracted into an FMA), so ``v == r`` can fail
+    # for the channel that is the maximum; the hue is continuous at ties either way.
+    h = jnp.where((r >= g) & (r >= b), (g - b) / sc,
+                  jnp.where(g >= b, 2.0 + (b - r) / sc, 4.0 + (r - g) / sc))
     h = jnp.where(c > 0, jnp.mod(h / 6.0, 1.0), 0.0)
     return h, s, v
 
@@ -159,7 +216,7 @@ def _hsv_to_rgb(h, s, v):
         return jnp.select([i == k for k in range(5)], list(vals[:5]), vals[5])
 
     return jnp.stack([pick(v, q, p, p, t, v), pick(t, v, v, q, p, p),
-                      pick(p, p, t, v, v, q)], axis=-1)
+                      pick(p, p, t, v, v, q)], axis=0)
 
 
 def _jitter(x, d, params: augment.AugmentParams, value_range):
@@ -169,16 +226,17 @@ def _jitter(x, d, params: augment.AugmentParams, value_range):
         return y if value_range is None else jnp.clip(y, *value_range)
 
     def brightness(y):
-        return clip(y * d["factors"][0])
+        return clip(y * _per_band(d["factors"][0]))
 
     def contrast(y):
-        f = d["factors"][1]
-        mean = (jnp.mean(_luminance(y, w)) if params.rgb else jnp.mean(y, axis=(0, 1)))
+        f = _per_band(d["factors"][1])
+        mean = (jnp.mean(_luminance(y, w)) if params.rgb
+                else jnp.mean(y, axis=(1, 2), keepdims=True))
         return clip(y * f + (1 - f) * mean)
 
     def saturation(y):
-        f = d["factors"][2]
-        grey = _luminance(y, w) if params.rgb else jnp.mean(y, axis=-1, keepdims=True)
+        f = _per_band(d["factors"][2])
+        grey = _luminance(y, w) if params.rgb else jnp.mean(y, axis=0, keepdims=True)
         return clip(y * f + (1 - f) * grey)
 
     def hue(y):
@@ -198,7 +256,8 @@ def _jitter(x, d, params: augment.AugmentParams, value_range):
 
 
 def _blur(x, kernel, radius: int):
-    for axis in (0, 1):
+    """SciPy's separable Gaussian (reflect borders) over the two image axes of (C, H, W)."""
+    for axis in (1, 2):
         pad = [(0, 0)] * 3
         pad[axis] = (radius, radius)
         xp = jnp.pad(x, pad, mode="symmetric")  # SciPy's 'reflect'
@@ -209,16 +268,17 @@ def _blur(x, kernel, radius: int):
 
 
 def _augment(x, d, params: augment.AugmentParams, blur_prob: float, value_range):
+    """Jitter, grayscale and blur (none when ``blur_prob`` is 0) of (C, H, W); the flip is
+    the crop's (``crop_resize``): it commutes with all three (per-pixel ops, global means, a
+    symmetric kernel)."""
     if params.jitter_prob > 0:
         x = jnp.where(d["flags"][0] > 0, _jitter(x, d, params, value_range), x)
     if params.grayscale_prob > 0:
         g = (_luminance(x, [np.float32(v) for v in params.luma_weights]) if params.rgb
-             else jnp.mean(x, axis=-1, keepdims=True))
+             else jnp.mean(x, axis=0, keepdims=True))
         x = jnp.where(d["flags"][1] > 0, jnp.broadcast_to(g, x.shape), x)
     if blur_prob > 0:
         x = _blur(x, d["blur"], blur_radius(params))
-    if params.hflip_prob > 0:
-        x = jnp.where(d["flags"][2] > 0, x[:, ::-1], x)
     return x
 
 
@@ -228,15 +288,19 @@ def view(img: jax.Array, d: dict, *, size: int, normalizer, params: augment.Augm
     """One view (size, size, C) of a raw (C, H, W) image and its ``pack``-ed draw."""
     x = _unit(img, normalizer, thresholds)
     value_range = normalizer.unit_range
+    mirror = d["flags"][2] > 0 if params.hflip_prob > 0 and not crop_only else None
     if params.augment_before_crop and not crop_only:
-        x = crop_resize(_augment(x, d, params, blur_prob, value_range), d["crop"], size)
+        # The whole-image blur rides in the crop's matmuls.
+        blur = (d["blur"], blur_radius(params)) if blur_prob > 0 else None
+        x = crop_resize(_augment(x, d, params, 0.0, value_range), d["crop"], size,
+                        mirror, mirror_input=True, blur=blur)
     else:
-        x = crop_resize(x, d["crop"], size)
+        x = crop_resize(x, d["crop"], size, mirror)
         if not crop_only:
             x = _augment(x, d, params, blur_prob, value_range)
     if normalizer.clip and (np.any(normalizer.c != 1) or np.any(normalizer.d != 0)):
-        x = x * jnp.asarray(normalizer.c) + jnp.asarray(normalizer.d)
-    return x.astype(dtype)
+        x = x * _per_band(normalizer.c) + _per_band(normalizer.d)
+    return jnp.transpose(x, (1, 2, 0)).astype(dtype)
 
 
 def batch_view(images: jax.Array, draws: dict, **kw) -> jax.Array:
