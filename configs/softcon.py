@@ -10,7 +10,7 @@ Start from DINO/DINOv2 weights with `--config.init.weights=/path/dinov2_vits14.p
 backbone is imported with `softcon_jax.interop.import_torch` and the first layer is
 re-initialised for the band count. Optimiser and schedule follow the MoCo-v3 recipe
 (zhu-xlab/SSL4EO-S12 MoCo-v3): MoCo-v3's LARS for ResNet, AdamW for ViT, weight decay on
-every parameter, 10 warm-up epochs of 100. The README's "Fidelity" section lists where this
+every parameter, 10 warm-up epochs of 100. docs/fidelity.md lists where this
 recipe follows the reference and where it differs on purpose.
 """
 

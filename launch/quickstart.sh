@@ -32,7 +32,7 @@ Done. Outputs in $WORKDIR/:
   tensorboard/   TensorBoard event files   (tensorboard --logdir $WORKDIR/tensorboard)
   export/        backbone.safetensors + backbone.safetensors.json (timm layout)
   train.log      the trainer's console output
-Load it in PyTorch:  see README.md, "Using the export in PyTorch".
+Load it in PyTorch:  see docs/interop.md, "Using the export in PyTorch".
 MSG
 # Last line: did pretraining improve the representation (online kNN, first vs last)?
 grep -o "Online kNN mAP (macro) .*" "$WORKDIR/train.log" | tail -n 1 || true

@@ -137,3 +137,19 @@ def bucket_snapshot(fs, prefix):
     """{object name: bytes} of every object under gs://`prefix` (a bucket's `snapshot`)."""
     fs.invalidate_cache()
     return {p: fs.cat_file(p) for p in sorted(fs.find(prefix))}
+
+
+def doc_block(page, section):
+    """The first python block of section `## {section}` of the docs page `page` (relative to
+    the repository root, e.g. "docs/extending.md"), as users read it."""
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, page)) as f:
+        text = f.read()
+    assert f"## {section}\n" in text, f"{page} has no section {section!r}"
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", body, flags=re.S)
+    assert blocks, f"{page}: the {section!r} section has no python block"
+    return blocks[0]

@@ -1,32 +1,15 @@
-"""The loss registry, and the README's "Adding a loss" example, run verbatim."""
-
-import numpy as np
-import pytest
+"""The loss registry, and the "Adding a loss" example of docs/extending.md, run verbatim."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import doc_block
 
 from softcon_jax import losses
 from softcon_jax.losses import registry
 
-import os
-import re
-
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "README.md")
-
-
-def _readme_example() -> str:
-    """The python block of the README section "Adding a loss", as users read it."""
-    with open(README) as f:
-        text = f.read()
-    section = text.split("## Adding a loss", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert blocks, "README.md: the 'Adding a loss' section has no python block"
-    return blocks[0]
-
-
-README_EXAMPLE = _readme_example()
+EXAMPLE = doc_block("docs/extending.md", "Adding a loss")
 
 
 @pytest.fixture
@@ -54,7 +37,7 @@ def _np_smoothed_infonce(q, k, tau, smoothing):
 
 def test_readme_example_runs_and_is_correct(clean_registry):
     namespace: dict = {}
-    exec(compile(README_EXAMPLE, "README.md:Adding a loss", "exec"), namespace)
+    exec(compile(EXAMPLE, "docs/extending.md:Adding a loss", "exec"), namespace)
     assert "smoothed_infonce" in losses.available()
     q = np.asarray(namespace["q"], np.float64)
     k = np.asarray(namespace["k"], np.float64)

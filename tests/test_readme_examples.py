@@ -1,36 +1,21 @@
-"""The README's "Adding a backbone" and "Adding a method" blocks, run as user modules, and
-the `runlocal` variant of every recipe, each trained for a few steps."""
+"""The "Adding a backbone" and "Adding a method" blocks of docs/extending.md, run as user
+modules, and the `runlocal` variant of every recipe, each trained for a few steps."""
 
-import os
-import re
 import sys
 
 import jax
 import numpy as np
 import pytest
+from helpers import doc_block
 
 from configs import quickstart, seco, softcon
 from softcon_jax import interop, models, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def readme_block(section: str) -> str:
-    """The first python block of README section `section`, as users read it."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
-    assert f"## {section}\n" in text, f"README.md has no section {section!r}"
-    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", body, flags=re.S)
-    assert blocks, f"README.md: the {section!r} section has no python block"
-    return blocks[0]
-
-
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
-    """Writes a README block as a module `name` on sys.path, as a user's file would be."""
+    """Writes a docs block as a module `name` on sys.path, as a user's file would be."""
     def write(name: str, section: str) -> str:
-        (tmp_path / f"{name}.py").write_text(readme_block(section))
+        (tmp_path / f"{name}.py").write_text(doc_block("docs/extending.md", section))
         monkeypatch.syspath_prepend(str(tmp_path))
         return name
     yield write

@@ -20,7 +20,7 @@ from softcon_jax.models.resnet import ResNet
 from softcon_jax.models.vit import VisionTransformer
 
 # Importing the backbone modules registers their names (each module owns its defaults and
-# its PyTorch layout; see models/registry.py and the README, "Adding a backbone").
+# its PyTorch layout; see models/registry.py and docs/extending.md, "Adding a backbone").
 ARCH_DEFAULTS = {name: spec.defaults for name, spec in BACKBONES.items()}
 
 
