@@ -3,7 +3,7 @@
 Relative links resolve (files and #anchors); every python block compiles; every command in a
 bash block names a module, config, script or file that exists, and each module it runs
 answers --help. The python blocks of docs/extending.md are executed by
-tests/test_readme_examples.py and tests/test_loss_registry_example.py.
+tests/test_docs_examples.py and tests/test_loss_registry_example.py.
 """
 
 import glob
