@@ -3,11 +3,12 @@
 One Beam element per shard (``shards.Task``: its locations in order), each written by
 ``shards.write_shard`` (passed in as ``write``), exactly what the local engine runs: the
 output is byte-identical, a location's 1 + T records stay together in one shard, bad inputs
-are counted the same way, and every shard is uploaded under a temporary name and renamed when complete. There
-is no shuffle of the data: only the small task list is redistributed (``Reshuffle``) so
-that a runner spreads the shards over its workers. The launcher plans the tasks (resume
-keeps the finished shards), runs the pipeline, then writes ``metadata.json`` itself, last.
-This is the pattern tensorflow-datasets uses to build large datasets with Beam.
+are counted the same way, and every shard is uploaded under a temporary name and renamed
+when complete. There is no shuffle of the data: only the small task list is redistributed
+(``Reshuffle``) so that a runner spreads the shards over its workers. The launcher plans the
+tasks (resume keeps the finished shards), runs the pipeline, then writes ``metadata.json``
+itself, last. This is the pattern tensorflow-datasets uses to build large datasets with
+Beam.
 
 Pipeline options are Beam's own, given after ``--`` on the command line, e.g.
 ``-- --runner=DataflowRunner --project=P --region=R --temp_location=gs://b/tmp

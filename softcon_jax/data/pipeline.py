@@ -95,9 +95,9 @@ def build_views_transform(data_config: Any, meta: dict, meta_path: str,
     """The per-sample RandomMap (decode + views) described by ``data_config``.
 
     ``views`` (default ``data_config.views``) is a registered view builder's name or a
-    `Views` subclass; the trainer passes its method's (`method.views`). Views are produced in ``dtype`` (default
-    ``data_config.dtype``, else float32): the augmentations run in float32, the cast is
-    their last pass.
+    `Views` subclass; the trainer passes its method's (`method.views`). Views are produced
+    in ``dtype`` (default ``data_config.dtype``, else float32): the augmentations run in
+    float32, the cast is their last pass.
     """
     name = views or data_config.get("views")
     if not name:
