@@ -43,8 +43,8 @@ BYTES_ACCESSED_NOTE = (
     "program, not a measurement: it counts padded tiles (a 13-wide minor dimension as 128 "
     "lanes), charges gathers several times the data they move, counts staging an operand "
     "into on-chip memory as extra reads and copies, and counts a loop body once whatever its "
-    "trip count. Compare it between variants of one step; a TPU profile gives the real "
-    "time.")
+    "trip count. Compare it between variants of one step; a profile on the accelerator gives "
+    "the real time.")
 
 # Per-chip specs. Sources, the Cloud TPU system-architecture pages:
 #   v4:  https://cloud.google.com/tpu/docs/v4   (275 TFLOP/s bf16, 32 GiB HBM2, 1200 GB/s;
