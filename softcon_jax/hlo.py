@@ -32,6 +32,15 @@ _CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
 _S32_CONSTANT = re.compile(r"=\s*s32\[\][^ ]*\s+constant\((\d+)\)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
+# Printed under every plan: what the HBM traffic figure is and is not.
+BYTES_ACCESSED_NOTE = (
+    "note: HBM traffic is XLA's cost-analysis 'bytes accessed', an estimate from the compiled "
+    "program, not a measurement: it counts padded tiles (a 13-wide minor dimension as 128 "
+    "lanes), charges gathers several times the data they move, counts staging an operand "
+    "into on-chip memory as extra reads and copies, and counts a loop body once whatever its "
+    "trip count. Compare it between variants of one step; a profile on the accelerator gives "
+    "the real time.")
+
 
 def _arrays(shape_text: str) -> list[int]:
     out = []

@@ -38,13 +38,6 @@ from softcon_jax import cli, gpu_targets, overrides
 EXIT_DOES_NOT_FIT = 3
 # What the roofline's bytes are (seen with libtpu 0.0.42 on small programs: a matmul, take,
 # elementwise ops); printed under every report.
-BYTES_ACCESSED_NOTE = (
-    "note: HBM traffic is XLA's cost-analysis 'bytes accessed', an estimate from the compiled "
-    "program, not a measurement: it counts padded tiles (a 13-wide minor dimension as 128 "
-    "lanes), charges gathers several times the data they move, counts staging an operand "
-    "into on-chip memory as extra reads and copies, and counts a loop body once whatever its "
-    "trip count. Compare it between variants of one step; a profile on the accelerator gives "
-    "the real time.")
 
 # Per-chip specs. Sources, the Cloud TPU system-architecture pages:
 #   v4:  https://cloud.google.com/tpu/docs/v4   (275 TFLOP/s bf16, 32 GiB HBM2, 1200 GB/s;
@@ -373,6 +366,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from softcon_jax import logs
+    from softcon_jax.hlo import BYTES_ACCESSED_NOTE
 
     logs.quiet_library_logs()
     f = flags.FLAGS
