@@ -25,3 +25,21 @@ ensure_venv() {
     touch "$stamp"
   fi
 }
+
+# JAX's CUDA plugin (the `gpu-plan` extra), installed apart into .venv/gpu-plan for the GPU
+# plan tests, which put it on PYTHONPATH only where they plan for a GPU cluster: installed
+# into .venv itself, the plugin prints CUDA-driver notices into every JAX process on a machine
+# without a GPU. Exports SOFTCON_GPU_PLAN_SITE.
+ensure_gpu_plan_site() {
+  local site=".venv/gpu-plan" jax_version
+  jax_version="$(.venv/bin/python -c 'import jax; print(jax.__version__)')"
+  if [[ ! -f "$site/.installed-jax-$jax_version" ]]; then
+    echo "==> installing JAX's CUDA plugin $jax_version into $site (GPU plan tests; first run only)"
+    rm -rf "$site"
+    .venv/bin/python -m pip install --quiet --no-deps --target "$site" \
+      "jax-cuda12-plugin==$jax_version" "jax-cuda12-pjrt==$jax_version" \
+      nvidia-cuda-nvcc-cu12 nvidia-cudnn-cu12 nvidia-cublas-cu12
+    touch "$site/.installed-jax-$jax_version"
+  fi
+  export SOFTCON_GPU_PLAN_SITE="$PWD/$site"
+}

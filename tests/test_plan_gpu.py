@@ -1,7 +1,9 @@
 """GPU planning on a machine without a GPU, and cuDNN attention at any token count.
 
-The compile tests need JAX's CUDA plugin and ptxas (`pip install -e .[gpu-plan]`); they are
-skipped without it. The attention test runs everywhere: it checks the padding and masking
+The compile tests need JAX's CUDA plugin and ptxas: the `gpu-plan` extra installed, or the
+folder `bash tests/run.sh` installs them into (`.venv/gpu-plan`, named by
+SOFTCON_GPU_PLAN_SITE), which they put on PYTHONPATH of the planning processes only; they
+are skipped without either. The attention test runs everywhere: it checks the padding and masking
 that make cuDNN accept 257 tokens, with XLA's implementation of the same masked call.
 """
 
@@ -56,17 +58,29 @@ def test_padded_masked_attention_equals_plain_attention(n, multiple):
 
 # ==== Planning NVIDIA GPU clusters =========================================================
 
+# JAX's CUDA plugin apart from this process (tests/run.sh), or installed with the package.
+GPU_PLAN_SITE = os.environ.get("SOFTCON_GPU_PLAN_SITE")
 needs_cuda_plugin = pytest.mark.skipif(
-    importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
-    reason="JAX's CUDA plugin not installed (pip install -e .[gpu-plan])")
+    not (GPU_PLAN_SITE and os.path.isdir(GPU_PLAN_SITE))
+    and importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+    reason="JAX's CUDA plugin not installed (pip install -e .[gpu-plan], or bash tests/run.sh)")
 TINY = ["--config", "configs/softcon.py:vits14,s2c,runlocal"]
+
+
+def _with_plugin(env=None):
+    """The environment of a process that plans for GPUs: the plugin's folder on PYTHONPATH."""
+    env = {**os.environ, **(env or {})}
+    if GPU_PLAN_SITE:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [GPU_PLAN_SITE] + [p for p in (env.get("PYTHONPATH") or "").split(os.pathsep) if p])
+    return env
 
 
 def _plan(tmp_path, accelerator, *args, env=None):
     out = tmp_path / f"plan{len(list(tmp_path.iterdir()))}.json"
     res = subprocess.run([sys.executable, "-m", "softcon_jax.plan", *TINY, "--accelerator-type",
                           accelerator, *args, "--json", str(out)], capture_output=True,
-                         text=True, timeout=600, env={**os.environ, **(env or {})})
+                         text=True, timeout=600, env=_with_plugin(env))
     return res, (json.loads(out.read_text()) if out.exists() else None)
 
 
@@ -98,9 +112,9 @@ def test_usable_memory_fraction(monkeypatch):
             gpu_targets.memory_fraction()
 
 
-@needs_cuda_plugin
-def test_gpu_flops_per_device_against_a_hand_count():
-    """Convolution, dense and cuDNN attention (49 tokens, padded to 50), data parallel."""
+def _flops_against_a_hand_count():
+    """Convolution, dense and cuDNN attention (49 tokens, padded to 50), data parallel; run
+    by the test below in a process that has the CUDA plugin."""
     devices = gpu_targets.parse_accelerator_type("h100-8").devices()
     mesh = jax.sharding.Mesh(devices, ("data",))
     b, s, c, f, heads, dim = 32, 7, 4, 16, 2, 8
@@ -129,6 +143,16 @@ def test_gpu_flops_per_device_against_a_hand_count():
     hand = 2 * conv + 3 * dense + (2 + 5) * attention
     assert loops == 0
     assert flops == pytest.approx(hand / len(devices), rel=0.02)
+
+
+@needs_cuda_plugin
+def test_gpu_flops_per_device_against_a_hand_count():
+    code = ("import sys; sys.path.insert(0, 'tests'); import test_plan_gpu; "
+            "test_plan_gpu._flops_against_a_hand_count(); print('hand count ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600, env=_with_plugin(), cwd=os.path.dirname(
+                             os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0 and "hand count ok" in res.stdout, res.stderr[-3000:]
 
 
 @needs_cuda_plugin
