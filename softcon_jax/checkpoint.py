@@ -157,8 +157,16 @@ class Checkpointer:
         try:
             for path in self.directory.iterdir():
                 if ".orbax-checkpoint-tmp" in path.name:
-                    shutil.rmtree(path, ignore_errors=True) if "://" not in str(
-                        path) else path.rmtree()
+                    if "://" in str(path):
+                        path.rmtree()
+                    else:
+                        # A writer thread may still be adding files while this removes
+                        # them ("directory not empty"): try again until it is gone.
+                        for _ in range(50):
+                            shutil.rmtree(path, ignore_errors=True)
+                            if not os.path.lexists(path):
+                                break
+                            time.sleep(0.1)
                     removed.append(path.name)
         except OSError as e:
             logging.warning("Could not remove the unfinished checkpoint in %s: %s",
