@@ -4,8 +4,8 @@ Builds realistic GeoTIFF trees here (S2 L1C: 13 single-band files per season, 10
 264 px, 20 m 132 px, 60 m 44 px, 4 seasons = 52 files per location; S1: 2 float32 bands;
 SeCo: 12 uint8 bands, 5 timestamps) and converts them:
 
-- ``before`` / ``after``: the ``data_prep`` of git revision ``--baseline`` (extracted into
-  a temporary folder) against the working tree, each in a fresh subprocess, in this process
+- ``before`` / ``after``: ``data_prep`` and ``softcon_jax`` of git revision ``--baseline``
+  (extracted into a temporary folder) against the working tree, each in a fresh subprocess, in this process
   (no worker pool), alternating, ``--repeats`` times. Per core = locations per CPU-second of
   the converting process (user + system time, threads included), so concurrent band reads
   do not count as speed they borrow from other cores. Two measures: the whole command
@@ -226,11 +226,12 @@ def main(argv=None):
     work = a.work or tempfile.mkdtemp(prefix="conv-bench-")
     root = os.path.join(work, "tree")
     old = os.path.join(work, "baseline")
-    before_path, after_path = f"{old}:{REPO}", REPO
+    before_path, after_path = old, REPO
     if not os.path.isdir(os.path.join(old, "data_prep")):
         os.makedirs(old, exist_ok=True)
-        tar = subprocess.run(["git", "archive", a.baseline, "data_prep"], cwd=REPO,
-                             capture_output=True)
+        # The library too: the converters' record encoding and shard writer live there.
+        tar = subprocess.run(["git", "archive", a.baseline, "data_prep", "softcon_jax"],
+                             cwd=REPO, capture_output=True)
         if tar.returncode:  # e.g. a shallow clone without the baseline revision
             print(f"baseline {a.baseline} not in this checkout; 'before' = the working tree")
             before_path = REPO

@@ -6,11 +6,13 @@ import pickle
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import rasterio
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 from scipy import ndimage
 
@@ -129,6 +131,29 @@ def test_ssl4eo_tree_matches_rasterio_and_labels(tmp_path, modality):
             assert ex["has_label"][t] == bool(entry)
             assert sorted(np.flatnonzero(ex["labels"][t]).tolist()) == sorted(map(int, entry))
     assert not exs[1]["has_label"][2] and not exs[1]["labels"][2].any()  # empty list
+
+
+def test_band_files_are_opened_without_georeferencing_and_without_its_warning(tmp_path):
+    """The converters open band files with GDAL's GEOREF_SOURCES=NONE (pixels only): no
+    "not georeferenced" warning reaches the user, and the process's own rasterio calls
+    still see georeferencing and still warn where a file really has none."""
+    make_ssl4eo_tree(str(tmp_path / "src"), "s2c", n_loc=1, write_labels=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ssl4eo_s12.convert_tree(str(tmp_path / "src"), "s2c", str(tmp_path / "out"),
+                                num_shards=1)
+    assert not [w for w in seen if issubclass(w.category, NotGeoreferencedWarning)]
+    band = next((tmp_path / "src" / "s2c").rglob("B2.tif"))
+    with rasterio.open(band) as src:
+        assert src.transform == Affine(1e-4, 0.0, 10.0, 0.0, -1e-4, 50.0)
+    bare = tmp_path / "bare.tif"
+    with warnings.catch_warnings():  # writing it warns too
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(bare, "w", driver="GTiff", height=2, width=2, count=1,
+                           dtype="uint8") as dst:
+            dst.write(np.zeros((2, 2), np.uint8), 1)
+    with pytest.warns(NotGeoreferencedWarning):
+        rasterio.open(bare).close()
 
 
 def test_s1_labels_join_by_acquisition_order(tmp_path):

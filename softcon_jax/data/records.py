@@ -66,7 +66,7 @@ class RecordError(ValueError):
     """A record does not follow the schema (the message says what is wrong)."""
 
 
-def _pack_array(name: str, value: Any, dtype: Any = None) -> tuple[dict, bytes]:
+def _pack_array(name: str, value: Any, dtype: Any = None) -> tuple[dict, np.ndarray]:
     arr = np.asarray(value, dtype=dtype)
     # Little-endian on disk whatever the host; bool and 1-byte types have no order.
     if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and arr.dtype.itemsize > 1):
@@ -75,7 +75,9 @@ def _pack_array(name: str, value: Any, dtype: Any = None) -> tuple[dict, bytes]:
     if code not in ALLOWED_DTYPES:
         raise RecordError(
             f"field {name!r}: dtype {arr.dtype} is not one of {sorted(ALLOWED_DTYPES)}")
-    return {"dtype": code, "shape": list(arr.shape)}, np.ascontiguousarray(arr).tobytes()
+    # The bytes as a flat uint8 view, not a copy: `_frame` copies them once, into the record.
+    return ({"dtype": code, "shape": list(arr.shape)},
+            np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
 
 
 def _array_spec(name: str, obj: Any, keys: set) -> tuple[np.dtype, tuple, int]:
@@ -138,7 +140,7 @@ def _checked(example: dict) -> tuple[np.ndarray, list[str], dict]:
                             "has_label": _pack_array("has_label", has_label, bool)}
 
 
-def _frame(header: dict, arrays: dict[str, tuple[dict, bytes]]) -> bytes:
+def _frame(header: dict, arrays: dict[str, tuple[dict, np.ndarray]]) -> bytes:
     """MAGIC | header length | msgpack header (with each array's offset) | aligned arrays."""
     for name, (spec, _) in arrays.items():
         header[name] = {**spec, "offset": 0}
@@ -151,10 +153,12 @@ def _frame(header: dict, arrays: dict[str, tuple[dict, bytes]]) -> bytes:
             header[name]["offset"] = start
             start = _aligned(start + len(data))
         packed = msgpack.packb(header, use_bin_type=True)
-    out = bytearray(MAGIC + len(packed).to_bytes(4, "little") + packed)
+    parts = [MAGIC, len(packed).to_bytes(4, "little"), packed]
+    end = len(MAGIC) + 4 + len(packed)
     for name, (_, data) in arrays.items():
-        out += bytes(header[name]["offset"] - len(out)) + data
-    return bytes(out)
+        parts += [bytes(header[name]["offset"] - end), data]
+        end = header[name]["offset"] + len(data)
+    return b"".join(parts)  # the one copy of the arrays' bytes
 
 
 def _unframe(raw: bytes) -> dict:
