@@ -29,18 +29,18 @@ os.environ.setdefault("GDAL_PAM_ENABLED", "NO")  # no .aux.xml lookups either
 import rasterio  # noqa: E402  (after the GDAL setting above)
 import rasterio.errors  # noqa: E402
 
+from softcon_jax.data import storage  # noqa: E402
+from softcon_jax.data.augment import resize_bilinear
+from softcon_jax.data.shards import BadInputError  # noqa: E402
+
+READ_THREADS = 8  # concurrent band reads per process from a bucket (object requests)
+
 # The GTiff open option GEOREF_SOURCES=NONE skips reading the geotransform and CRS, most of
 # what remains of an open's cost (about 4x cheaper per band file here). The converters store
 # pixels only, so nothing they write changes; the option applies to the files they open, not
 # to the process's other rasterio calls. rasterio then warns that the dataset is not
 # georeferenced, a warning that is about this option only: `_no_georef_warning` hides it.
 OPEN_OPTIONS = {"GEOREF_SOURCES": "NONE"}
-
-from softcon_jax.data import storage  # noqa: E402
-from softcon_jax.data.augment import resize_bilinear
-from softcon_jax.data.shards import BadInputError  # noqa: E402
-
-READ_THREADS = 8  # concurrent band reads per process from a bucket (object requests)
 
 # Ground resolution (m) of every band name used by the datasets.
 RESOLUTION = {
