@@ -167,3 +167,32 @@ def test_blur_matrix_is_scipys_gaussian_filter():
         got = np.einsum("hi,cij,wj->chw", by, x, bx)
         want = augment.gaussian_blur(x.transpose(1, 2, 0), sigma).transpose(2, 0, 1)
         np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("rgb", [True, False])
+def test_every_jitter_order_equals_host(rgb):
+    """All 24 orders of brightness, contrast, saturation and hue in one batch: the device
+    applies hue once, between the blends drawn before and after it. Band sets: hue off and
+    saturation off (a disabled op is skipped wherever it is drawn), factors per band."""
+    import itertools
+
+    extra = {"saturation": 0.4, "hue": 0.2} if rgb else {"per_band_jitter": True}
+    params = augment.AugmentParams(jitter_prob=1.0, grayscale_prob=0.0, hflip_prob=0.0,
+                                   rgb=rgb, jitter_order="random", **extra)
+    c, hh, ww = (3, 9, 11) if rgb else (13, 9, 11)
+    rng = np.random.default_rng(24 + rgb)
+    x = rng.uniform(0.0, 1.0, (c, hh, ww)).astype(np.float32)
+    draws = []
+    for order in itertools.permutations(range(4)):
+        d = augment.draw_jitter(rng, params, c)
+        d["order"] = [augment._OPS[i] for i in order]
+        draws.append(d)
+    packed = jax.tree.map(lambda *v: np.stack(v), *[device_augment.pack(
+        {"crop": (0, 0, hh, ww), "jitter": d}, params, c, crop_only=False) for d in draws])
+    got = jax.jit(jax.vmap(lambda y, d: device_augment._jitter(y, d, params, (0.0, 1.0))))(
+        np.broadcast_to(x, (24,) + x.shape), packed)
+    for d, g in zip(draws, np.asarray(got)):
+        want = augment.apply_jitter(x.transpose(1, 2, 0), d, rgb=rgb,
+                                    luma_weights=params.luma_weights)
+        np.testing.assert_allclose(g.transpose(1, 2, 0), want, rtol=1e-5, atol=2e-5,
+                                   err_msg=str(d["order"]))

@@ -5,7 +5,8 @@ per-sample ``np.random.Generator``, the same order as the host path) and ``pack`
 draw into fixed-shape arrays; the raw season image travels in its stored dtype. ``view``
 then applies, for one sample, in ``jax.numpy``, exactly what ``augment.apply_view`` applies
 on the host: the normaliser's unit stage (per-image quantile clip, uint8 quantisation), the
-random resized crop, colour jitter (its order a ``lax.switch`` when random), grayscale, the
+random resized crop, colour jitter (in a random order: hue once, between the blends drawn
+before and after it), grayscale, the
 Gaussian blur (the kernel is computed on the host, as SciPy's, and applied separably with
 reflect borders), the flip and the final standardisation. Equal to the host views to
 float32 rounding (``tests/test_device_augment.py``, ``tests/test_device_crop.py``). Static
@@ -17,12 +18,16 @@ gather several times the bytes it moves). The crop and the bilinear resize are t
 matmuls with interpolation matrices built from the traced box (rows, then columns;
 ``precision=HIGHEST``, else the MXU rounds the image to bfloat16); the flip reverses the
 column matrix instead of the image; the image stays channels-first (C, H, W) until the end,
-so 13 bands never sit in the 128-lane minor dimension. For SoftCon's ViT-S/14 step on a
+so 13 bands never sit in the 128-lane minor dimension; a random jitter order selects each
+blend's factor and operand instead of switching between ops (under vmap a switch computes
+every branch). For SoftCon's ViT-S/14 step on a
 v5e slice this cut XLA's bytes accessed for the views from ~41 to ~6 GiB per chip and step
 (BENCHMARKS.md, "Device augmentation in the compiled pod step").
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -243,15 +248,36 @@ def _jitter(x, d, params: augment.AugmentParams, value_range):
         h, s, v = _rgb_to_hsv(y)
         return _hsv_to_rgb(jnp.mod(h + d["hue"], 1.0), s, v)
 
-    ops = [fn if float(getattr(params, name)) > 0 else (lambda y: y)
-           for name, fn in zip(("brightness", "contrast", "saturation", "hue"),
-                               (brightness, contrast, saturation, hue))]
+    names = ("brightness", "contrast", "saturation", "hue")
+    enabled = [float(getattr(params, name)) > 0 for name in names]
+    ops = [fn if on else (lambda y: y)
+           for on, fn in zip(enabled, (brightness, contrast, saturation, hue))]
     if params.jitter_order == "fixed":
         for fn in ops:
             x = fn(x)
         return x
-    for k in range(4):
-        x = jax.lax.switch(d["order"][k], ops, x)
+
+    def blend(y, op):
+        """Brightness, contrast or saturation (``op`` 0, 1, 2) as the one expression
+        they share, ``clip(y f + (1 - f) m)`` with ``m`` = 0, the mean, the grey image."""
+        f = _per_band(jnp.where(op == 0, d["factors"][0],
+                                jnp.where(op == 1, d["factors"][1], d["factors"][2])))
+        grey = _luminance(y, w) if params.rgb else jnp.mean(y, axis=0, keepdims=True)
+        mean = jnp.mean(grey) if params.rgb else jnp.mean(y, axis=(1, 2), keepdims=True)
+        m = jnp.where(op == 1, mean, jnp.where(op == 2, grey, 0.0))
+        on = functools.reduce(jnp.logical_or, [op == i for i in range(3) if enabled[i]],
+                              jnp.bool_(False))
+        return jnp.where(on, clip(y * f + (1 - f) * m), y)
+
+    # A random order without a switch per position: under vmap a switch computes every
+    # branch and selects one, which made the HSV round trip four times per view (most of
+    # SeCo's view cost). Hue is drawn once: the blends drawn before it, hue, the ones after.
+    hue_at = sum(k * (d["order"][k] == 3) for k in range(4))
+    for k in range(3):  # positions before hue's (never the last)
+        x = jnp.where(k < hue_at, blend(x, d["order"][k]), x)
+    x = ops[3](x)
+    for k in range(1, 4):  # positions after hue's (never the first)
+        x = jnp.where(k > hue_at, blend(x, d["order"][k]), x)
     return x
 
 
