@@ -16,9 +16,7 @@ h100-8, h100-64 and a100-8 at the recipe batch and 4x, the ViTs with XLA attenti
 
 Each row is one `python -m softcon_jax.plan` process (TPU rows need libtpu: `[tpu]`).
 A row that does not fit is compiled again with `config.model.remat=True`, then also with
-`config.mesh.fsdp=4`, and the table names the first setting that fits. A GPU row starts at
-the first setting that could fit: one that did not fit a smaller per-GPU batch of the same
-model on GPUs with as much memory is not compiled again. Results are written
+`config.mesh.fsdp=4`, and the table names the first setting that fits. Results are written
 to the JSON after every row, and a run with the same --json skips the rows it holds, so an
 interrupted run goes on where it stopped. Rows not compiled are listed with their command.
 """
@@ -64,34 +62,9 @@ def command(model: str, multiple: int, slice_: str, knobs=(), augment_on="device
             *([CUDNN] if attention == "cudnn" else [])]
 
 
-def first_useful_knobs(results: dict, model: str, multiple: int, cluster: str,
-                      attention: str) -> int:
-    """Index into KNOBS of the first setting worth compiling for a GPU row.
-
-    Memory per GPU grows with the per-GPU batch: a setting that did not fit the same model
-    and attention at a smaller or equal per-GPU batch, on GPUs with no more memory, cannot
-    fit this row, and each compile takes minutes here.
-    """
-    from softcon_jax import gpu_targets
-
-    c = gpu_targets.parse_accelerator_type(cluster)
-    per_gpu, hbm = MODELS[model][1] * multiple / c.num_gpus, c.gpu.hbm_bytes()
-    start = 0
-    for key, r in results.items():
-        name, _, _, _, *att = key.split(" | ")
-        if (name != model or (att or ["xla"])[0] != attention or "status" in r
-                or r["per_device_batch"] > per_gpu or r["hbm_bytes"] < hbm):
-            continue
-        tried = tuple(r["knobs"])
-        start = max(start, KNOBS.index(tried) if r["fits"] else len(KNOBS) - 1)
-    return start
-
-
-def run_row(model, multiple, slice_, timeout, augment_on="device", attention="xla",
-            start=0) -> dict:
-    """The first of KNOBS[start:] that fits (the earlier ones are known not to)."""
-    first = None  # the first setting's report, when no setting fits
-    for knobs in KNOBS[start:]:
+def run_row(model, multiple, slice_, timeout, augment_on="device", attention="xla") -> dict:
+    first = None  # the default setting's report, when no setting fits
+    for knobs in KNOBS:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "plan.json")
             t0 = time.time()
@@ -111,7 +84,7 @@ def run_row(model, multiple, slice_, timeout, augment_on="device", attention="xl
             return report
         first = first or report
     return {**first, "knobs": ["none of: " + "; ".join(" ".join(k) or "default"
-                                                      for k in KNOBS[start:])]}
+                                                      for k in KNOBS)]}
 
 
 def table(results: dict, multiples, slices) -> str:
@@ -238,8 +211,7 @@ def main(argv=None):
         if key in results and "status" not in results[key]:
             continue  # compiled before; a row that timed out or failed is tried again
         print(f"{key} ...", file=sys.stderr, flush=True)
-        start = first_useful_knobs(results, model, m, s, attention) if a.gpu else 0
-        results[key] = run_row(model, m, s, a.timeout, mode, attention, start)
+        results[key] = run_row(model, m, s, a.timeout, mode, attention)
         with open(a.json + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
         os.replace(a.json + ".tmp", a.json)
