@@ -46,6 +46,9 @@ from etils import epath
 
 from softcon_jax import cli
 
+# After a failed save, how long an unfinished step folder must stay gone to count as removed.
+SETTLE_S = 0.5
+
 UNREADABLE_DIR = "checkpoints_unreadable"
 
 
@@ -137,9 +140,10 @@ class Checkpointer:
             self._failed = True
             _ignore_closed_loop_callbacks()
             removed = self._remove_unfinished()
-            # Orbax's cancelled writer threads may still create files there until they end;
-            # at exit they have (the interpreter joins them before running atexit).
-            atexit.register(self._remove_unfinished)
+            # Orbax's cancelled writes may still create files there until they end (TensorStore
+            # writes from its own threads and re-creates missing parent folders): removed
+            # again at close and at exit, until the folder stays gone.
+            atexit.register(self._remove_unfinished, settle_s=SETTLE_S)
             good = [s for s in self.all_steps() if s != step]
             raise CheckpointSaveError(
                 f"could not write checkpoint {'step ' + str(step) if step is not None else ''}"
@@ -149,8 +153,20 @@ class Checkpointer:
                 + (f"; removed the unfinished {', '.join(removed)}" if removed else "")
                 + ". Free space or fix permissions there, then run again to resume.") from e
 
-    def _remove_unfinished(self) -> list[str]:
-        """Deletes Orbax's temporary step directories (process 0); their names."""
+    def _remove_unfinished(self, settle_s: float = 0.0) -> list[str]:
+        """Deletes Orbax's temporary step directories (process 0); their names. With
+        ``settle_s``, removes them again until none has come back for that long (the writes
+        of a failed save that were still in flight; bounded by 30 tries)."""
+        removed = self._remove_unfinished_once()
+        for _ in range(30 if settle_s else 0):
+            time.sleep(settle_s)
+            again = self._remove_unfinished_once()
+            if not again:
+                break
+            removed += [name for name in again if name not in removed]
+        return removed
+
+    def _remove_unfinished_once(self) -> list[str]:
         if jax.process_index() != 0 or not self.directory.exists():
             return []
         removed = []
@@ -325,8 +341,8 @@ class Checkpointer:
             if not self._failed:
                 raise
             logging.info("Closing the checkpoint manager after a failed save: %r", e)
-        if self._failed:  # writer threads still running at the failure may have re-created it
-            self._remove_unfinished()
+        if self._failed:  # writes still in flight at the failure may have re-created it
+            self._remove_unfinished(settle_s=SETTLE_S)
 
 
 def _ignore_closed_loop_callbacks() -> None:
