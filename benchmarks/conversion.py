@@ -5,14 +5,14 @@ Builds realistic GeoTIFF trees here (S2 L1C: 13 single-band files per season, 10
 SeCo: 12 uint8 bands, 5 timestamps) and converts them:
 
 - ``before`` / ``after``: ``data_prep`` and ``softcon_jax`` of git revision ``--baseline``
-  (extracted into a temporary folder) against the working tree, each in a fresh subprocess, in this process
-  (no worker pool), alternating, ``--repeats`` times. Per core = locations per CPU-second of
-  the converting process (user + system time, threads included), so concurrent band reads
-  do not count as speed they borrow from other cores. Two measures: the whole command
-  after a warm-up conversion (includes per-run costs: scanning, markers, metadata, fsync),
-  and the per-location CPU cost in one process (``per_location_cpu_ms``: reading a
-  location, and reading + encoding + writing it; min of 3 after a warm-up), which is what
-  a conversion of 250k locations is made of.
+  (extracted into a temporary folder) against the working tree, each in a fresh subprocess,
+  in this process (no worker pool), alternating, ``--repeats`` times. Per core = locations
+  per CPU-second of the converting process (user + system time, threads included), so
+  concurrent band reads do not count as speed they borrow from other cores. Two measures:
+  the whole command after a warm-up conversion (includes per-run costs: scanning, markers,
+  metadata, fsync), and the per-location CPU cost in one process (``per_location_cpu_ms``:
+  reading a location, and reading + encoding + writing it; min of 3 after a warm-up), which
+  is what a conversion of 250k locations is made of.
 - ``stages``: where a location's time goes in the baseline (cProfile of one conversion,
   grouped: opening GeoTIFFs, reading pixels, listing/existence checks, resampling,
   encoding + writing).

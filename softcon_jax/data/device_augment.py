@@ -6,12 +6,12 @@ draw into fixed-shape arrays; the raw season image travels in its stored dtype. 
 then applies, for one sample, in ``jax.numpy``, exactly what ``augment.apply_view`` applies
 on the host: the normaliser's unit stage (per-image quantile clip, uint8 quantisation), the
 random resized crop, colour jitter (in a random order: hue once, between the blends drawn
-before and after it), grayscale, the
-Gaussian blur (the kernel is computed on the host, as SciPy's, and applied separably with
-reflect borders), the flip and the final standardisation. Equal to the host views to
-float32 rounding (``tests/test_device_augment.py``, ``tests/test_device_crop.py``). Static
-choices (which ops are on, crop-first or augment-first) come from ``AugmentParams``, so a
-disabled op costs nothing.
+before and after it), grayscale, the Gaussian blur (the kernel is computed on the host, as
+SciPy's, and applied separably with reflect borders), the flip and the final
+standardisation. Equal to the host views to float32 rounding
+(``tests/test_device_augment.py``, ``tests/test_device_crop.py``). Static choices (which ops
+are on, crop-first or augment-first) come from ``AugmentParams``, so a disabled op costs
+nothing.
 
 Written for a TPU's cost model: no gathers, scatters or dynamic slices (XLA:TPU charges a
 gather several times the bytes it moves). The crop and the bilinear resize are two float32
@@ -20,9 +20,9 @@ matmuls with interpolation matrices built from the traced box (rows, then column
 column matrix instead of the image; the image stays channels-first (C, H, W) until the end,
 so 13 bands never sit in the 128-lane minor dimension; a random jitter order selects each
 blend's factor and operand instead of switching between ops (under vmap a switch computes
-every branch). For SoftCon's ViT-S/14 step on a
-v5e slice this cut XLA's bytes accessed for the views from ~41 to ~6 GiB per chip and step
-(BENCHMARKS.md, "Device augmentation in the compiled pod step").
+every branch). For SoftCon's ViT-S/14 step on a v5e slice this cut XLA's bytes accessed for
+the views from ~41 to ~6 GiB per chip and step (BENCHMARKS.md, "Device augmentation in the
+compiled pod step").
 """
 
 from __future__ import annotations
